@@ -1,0 +1,98 @@
+"""Frozen configs, passed whole. They hold names and numbers only, so they serialise to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One kind of module that receives a LoRA in every decoder layer."""
+
+    name: str
+    """Module path relative to a decoder layer, e.g. ``mlp.down_proj``."""
+    d_in: int
+    """Input features of that linear layer."""
+    d_out: int
+    """Output features of that linear layer."""
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Which activations of the frozen base model the hypernetwork reads."""
+
+    feature_layer: int | None = None
+    """The residual stream entering this layer feeds the aggregator; ``None`` means 2/3 of the depth."""
+    target_keys: bool = True
+    """Also record every target module's *input* at every layer over the chunk (per-layer keys the
+    head turns into rows of A). This needs the full forward pass; with ``False`` the encoder exits
+    early, after ``feature_layer`` layers, which is cheaper but loses per-layer information."""
+
+
+@dataclass(frozen=True)
+class HypernetConfig:
+    """Shape of the hypernetwork. Base-model sizes are recorded so a checkpoint knows what it fits."""
+
+    base_hidden_size: int
+    """Width of the base model's residual stream."""
+    num_layers: int
+    """Decoder layers of the base model (each gets its own adapter slots)."""
+    targets: tuple[TargetSpec, ...]
+    """Target modules inside every decoder layer."""
+    rank: int = 8
+    """LoRA rank emitted per chunk and per target module."""
+    width: int = 256
+    """Width of the Perceiver aggregator."""
+    n_heads: int = 4
+    """Attention heads in the aggregator."""
+    n_blocks: int = 4
+    """Cross-attention blocks (each: slot self-attention, cross-attention to the chunk, MLP)."""
+    proj_hidden: int = 1024
+    """Hidden width of the SwiGLU input projection."""
+    copy_path: bool = True
+    """Let each rank slot point at a chunk token and write that token's embedding into B.
+    Only used for targets whose output is the residual stream (d_out == base_hidden_size) and
+    whose base model ties input and output embeddings, so the written vector names a token."""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """Where the activations come from; the trained weights only fit this choice."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HypernetConfig:
+        data = dict(data)
+        data["targets"] = tuple(TargetSpec(**t) for t in data["targets"])
+        data["encoder"] = EncoderConfig(**data.get("encoder", {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown HypernetConfig fields {sorted(unknown)}: checkpoint from a newer version?")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ChunkConfig:
+    """How text is cut before encoding."""
+
+    chunk_tokens: int = 512
+    """Content tokens per chunk (the chat-template affixes come on top)."""
+    max_document_tokens: int = 262_144
+    """Refuse larger inputs with DocumentTooLargeError instead of working for hours."""
+    max_document_chars: int = 4_000_000
+    """Checked before tokenising, so a huge input fails fast."""
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings for MemoryEngine.generate."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    """0 means greedy decoding."""
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    """Strings that end the answer early (not included in it)."""

@@ -1,0 +1,242 @@
+"""MemoryEngine: wires base model, chunker, encoder, hypernetwork and LoRA application together.
+
+Thread-safety: adapters are applied by hooks on the shared model, so one engine runs one model
+call at a time (an internal lock serialises them). For parallel serving, batch requests with one
+adapter per row (``generate_batch``) instead of running threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from d2l_memory.adapter import MemoryAdapter
+from d2l_memory.base_model import (
+    DEFAULT_BASE_MODEL,
+    LoadedBaseModel,
+    decoder_layers,
+    decoder_layers_prefix,
+    load_base_model,
+    target_specs,
+)
+from d2l_memory.checkpoint import HypernetMeta, hypernet_id_of, load_hypernet
+from d2l_memory.chunking import Message, as_text, chunk_text, user_turn_affixes
+from d2l_memory.config import ChunkConfig, EncoderConfig, GenerationConfig, HypernetConfig
+from d2l_memory.generation import generate_batch, prompt_ids, stream_tokens
+from d2l_memory.hypernet import HyperLoRA
+from d2l_memory.internalize import gather_weights, run_hypernet
+
+logger = logging.getLogger(__name__)
+
+SHIPPED_CHECKPOINTS = Path(__file__).parent / "checkpoints"
+Source = str | bytes | Sequence[Message]
+
+
+def default_hypernet_config(
+    model: PreTrainedModel,
+    targets: tuple[str, ...] = ("mlp.down_proj",),
+    rank: int = 8,
+    encoder: EncoderConfig | None = None,
+    **overrides: object,
+) -> HypernetConfig:
+    """A hypernetwork shaped for ``model``; bigger base models need nothing but this call."""
+    return HypernetConfig(
+        base_hidden_size=model.config.hidden_size,
+        num_layers=len(decoder_layers(model)),
+        targets=target_specs(model, targets),
+        rank=rank,
+        encoder=encoder or EncoderConfig(),
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+def shipped_checkpoint(base_model: str) -> Path | None:
+    """The checkpoint that ships in the package for a built-in base model, if any."""
+    path = SHIPPED_CHECKPOINTS / base_model
+    return path if (path / "hypernet.json").is_file() else None
+
+
+class MemoryEngine:
+    """Turns text into MemoryAdapters and answers questions with or without them."""
+
+    def __init__(
+        self,
+        base: LoadedBaseModel,
+        hypernet: HyperLoRA,
+        *,
+        hypernet_id: str,
+        chunking: ChunkConfig = ChunkConfig(),
+        generation: GenerationConfig = GenerationConfig(),
+        chunk_batch_size: int = 8,
+    ) -> None:
+        self.base = base
+        self.hypernet = hypernet.eval()
+        self.hypernet_id = hypernet_id
+        self.chunking = chunking
+        self.generation = generation
+        self.chunk_batch_size = chunk_batch_size
+        self.layers_prefix = decoder_layers_prefix(base.model)
+        self.affixes = user_turn_affixes(base.tokenizer)
+        self._lock = threading.RLock()
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: str = DEFAULT_BASE_MODEL,
+        hypernet: str | Path | None = None,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        chunking: ChunkConfig = ChunkConfig(),
+        generation: GenerationConfig = GenerationConfig(),
+        home: Path | None = None,
+    ) -> MemoryEngine:
+        """Load a base model and a hypernetwork checkpoint (the shipped one by default), offline.
+
+        With no checkpoint for this base model, an untrained hypernetwork is used and a warning is
+        logged: its adapters are exactly zero, so answers equal the base model's.
+        """
+        base = load_base_model(base_model, dtype=dtype, device=device, home=home)
+        path = Path(hypernet) if hypernet is not None else shipped_checkpoint(base_model)
+        if path is not None:
+            module, meta = load_hypernet(path, expect_base_model=base.fingerprint, device=device)
+            logger.info("Loaded hypernetwork %s from %s", meta.hypernet_id, path)
+            return cls(base, module, hypernet_id=meta.hypernet_id, chunking=chunking, generation=generation)
+        logger.warning(
+            "No trained hypernetwork for %r: using an UNTRAINED one (adapters are zero, answers equal the "
+            "base model's). Train one with `d2l-memory train` or pass hypernet=PATH.",
+            base_model,
+        )
+        torch.manual_seed(0)
+        module = HyperLoRA(default_hypernet_config(base.model)).to(device)
+        return cls(base, module, hypernet_id=hypernet_id_of(module), chunking=chunking, generation=generation)
+
+    @classmethod
+    def from_checkpoint_meta(cls, base: LoadedBaseModel, module: HyperLoRA, meta: HypernetMeta) -> MemoryEngine:
+        return cls(base, module, hypernet_id=meta.hypernet_id)
+
+    # ---- the public objects -----------------------------------------------------------------
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return self.base.model
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.base.tokenizer
+
+    @property
+    def base_model_id(self) -> str:
+        """Fingerprint every adapter of this engine records."""
+        return self.base.fingerprint
+
+    # ---- write: text → adapter ---------------------------------------------------------------
+
+    def internalize(self, source: Source, *, progress: bool | None = None) -> MemoryAdapter:
+        """Turn a document (text, UTF-8 bytes) or chat messages into a MemoryAdapter.
+
+        Raises InvalidDocumentError for empty, whitespace-only or binary input and
+        DocumentTooLargeError past ChunkConfig limits. Progress is shown for long documents.
+        """
+        text = as_text(source)
+        chunks = chunk_text(text, self.tokenizer, self.chunking, self.affixes)
+        return self.internalize_token_chunks([c.input_ids for c in chunks], [c.span for c in chunks], progress=progress)
+
+    def internalize_token_chunks(
+        self,
+        chunks: Sequence[Sequence[int]],
+        spans: Sequence[tuple[int, int]],
+        *,
+        progress: bool | None = None,
+    ) -> MemoryAdapter:
+        """Lower-level write: already-wrapped token chunks (the provider appends chunks with this)."""
+        batches = [range(i, min(i + self.chunk_batch_size, len(chunks))) for i in range(0, len(chunks), self.chunk_batch_size)]
+        show = progress if progress is not None else len(batches) > 2
+        parts = []
+        with self._lock, torch.inference_mode():
+            for batch in tqdm(batches, desc="internalizing", unit="batch", disable=not show):
+                out = run_hypernet(self.model, self.hypernet, [chunks[i] for i in batch])
+                weights = gather_weights(out, self.layers_prefix, range(len(batch)))
+                parts.append(self._adapter(weights, [spans[i] for i in batch]))
+        return MemoryAdapter.concat(parts)
+
+    def _adapter(self, weights: dict, spans: Sequence[tuple[int, int]]) -> MemoryAdapter:
+        return MemoryAdapter(
+            weights={k: (a.clone(), b.clone()) for k, (a, b) in weights.items()},
+            rank_per_chunk=self.hypernet.cfg.rank,
+            chunk_spans=tuple(spans),
+            base_model=self.base_model_id,
+            hypernet=self.hypernet_id,
+        )
+
+    # ---- read: answers ------------------------------------------------------------------------
+
+    def generate(
+        self,
+        question: str,
+        *,
+        memory: MemoryAdapter | None = None,
+        context: str | None = None,
+        max_new_tokens: int | None = None,
+        generation: GenerationConfig | None = None,
+    ) -> str:
+        """Answer with the memory's adapter (no document in the prompt), the document in the prompt, or neither."""
+        cfg = self._generation(generation, max_new_tokens)
+        return self.generate_batch([question], memories=[memory], contexts=[context], generation=cfg)[0]
+
+    def generate_batch(
+        self,
+        questions: Sequence[str],
+        *,
+        memories: Sequence[MemoryAdapter | None] | None = None,
+        contexts: Sequence[str | None] | None = None,
+        generation: GenerationConfig | None = None,
+    ) -> list[str]:
+        """One batched decode; row i uses memories[i] (its own adapter) and contexts[i]."""
+        cfg = generation or self.generation
+        memories = list(memories) if memories is not None else [None] * len(questions)
+        contexts = list(contexts) if contexts is not None else [None] * len(questions)
+        if not (len(memories) == len(contexts) == len(questions)):
+            raise ValueError("questions, memories and contexts must have the same length")
+        for memory in memories:
+            if memory is not None:
+                self.check_compatible(memory)
+        prompts = [prompt_ids(self.tokenizer, q, c) for q, c in zip(questions, contexts, strict=True)]
+        adapters = None if all(m is None for m in memories) else memories
+        with self._lock:
+            answers, _ = generate_batch(self.model, self.tokenizer, prompts, cfg, adapters)
+        return answers
+
+    def stream(
+        self,
+        question: str,
+        *,
+        memory: MemoryAdapter | None = None,
+        context: str | None = None,
+        history: Sequence[dict[str, str]] = (),
+        generation: GenerationConfig | None = None,
+    ) -> Iterator[str]:
+        """Yield the answer piece by piece; the engine is busy until the iterator is exhausted or closed."""
+        if memory is not None:
+            self.check_compatible(memory)
+        prompt = prompt_ids(self.tokenizer, question, context, history)
+        with self._lock:
+            yield from stream_tokens(self.model, self.tokenizer, prompt, generation or self.generation, memory)
+
+    def check_compatible(self, memory: MemoryAdapter) -> None:
+        from d2l_memory.adapter import check_identity
+
+        check_identity(memory.base_model, memory.hypernet, self.base_model_id, self.hypernet_id, "memory")
+
+    def _generation(self, generation: GenerationConfig | None, max_new_tokens: int | None) -> GenerationConfig:
+        cfg = generation or self.generation
+        return cfg if max_new_tokens is None else replace(cfg, max_new_tokens=max_new_tokens)

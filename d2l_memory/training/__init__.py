@@ -1,0 +1,1 @@
+"""Meta-training of the hypernetwork: synthetic data, the training loop, and evaluation."""

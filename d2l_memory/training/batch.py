@@ -1,0 +1,132 @@
+"""Samples → one training micro-batch: encoder chunks, student question rows, answer labels, and the loss."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from d2l_memory.chunking import TurnAffixes
+from d2l_memory.generation import prompt_ids
+from d2l_memory.hypernet import HyperLoRA
+from d2l_memory.internalize import gather_weights, run_hypernet
+from d2l_memory.lora import lora_scope, stack_per_row
+from d2l_memory.training.synth import QA, Sample
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    chunks: list[tuple[int, ...]]
+    """Wrapped token chunks of all documents."""
+    doc_chunks: list[list[int]]
+    """For each document, the indices of its chunks in ``chunks``."""
+    row_doc: list[int]
+    """For each student row, the document whose adapter it gets."""
+    input_ids: torch.Tensor
+    """(Q, S) prompt + answer tokens, right-padded."""
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    """(Q, S) answer token ids at the positions predicting them, -100 elsewhere."""
+    qas: list[QA]
+
+
+def split_tokens(ids: Sequence[int], n_chunks: int) -> list[list[int]]:
+    """Cut contiguous token ids into ``n_chunks`` near-equal pieces (as inference cuts long text)."""
+    n_chunks = max(1, min(n_chunks, len(ids)))
+    bounds = [round(i * len(ids) / n_chunks) for i in range(n_chunks + 1)]
+    return [list(ids[bounds[i] : bounds[i + 1]]) for i in range(n_chunks)]
+
+
+def answer_ids(tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
+    return tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
+def build_microbatch(
+    samples: Sequence[Sample],
+    tokenizer: PreTrainedTokenizerBase,
+    affixes: TurnAffixes,
+    rng: random.Random,
+    *,
+    questions_per_doc: int,
+    multi_chunk_prob: float,
+    max_chunks: int,
+    row_doc_override: Sequence[int] | None = None,
+) -> MicroBatch:
+    """Chunk each sample's text and pick its questions. ``row_doc_override`` swaps adapters (the control)."""
+    chunks: list[tuple[int, ...]] = []
+    doc_chunks: list[list[int]] = []
+    rows: list[tuple[list[int], list[int]]] = []
+    row_doc: list[int] = []
+    qas: list[QA] = []
+    for d, sample in enumerate(samples):
+        content = tokenizer.encode(sample.text, add_special_tokens=False)
+        n = 1 if rng.random() >= multi_chunk_prob else rng.randint(2, max_chunks)
+        doc_chunks.append([])
+        for piece in split_tokens(content, n):
+            doc_chunks[-1].append(len(chunks))
+            chunks.append(affixes.prefix + tuple(piece) + affixes.suffix)
+        picked = rng.sample(list(sample.qas), min(questions_per_doc, len(sample.qas)))
+        for qa in picked:
+            rows.append((prompt_ids(tokenizer, qa.question), answer_ids(tokenizer, qa.answer)))
+            row_doc.append(d)
+            qas.append(qa)
+    if row_doc_override is not None:
+        row_doc = list(row_doc_override)
+    longest = max(len(p) + len(a) for p, a in rows)
+    ids = torch.full((len(rows), longest), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    labels = torch.full((len(rows), longest), -100, dtype=torch.long)
+    for r, (prompt, answer) in enumerate(rows):
+        seq = prompt + answer
+        ids[r, : len(seq)] = torch.tensor(seq)
+        mask[r, : len(seq)] = 1
+        # Position t predicts token t+1: labels sit one position before each answer token.
+        labels[r, len(prompt) - 1 : len(seq) - 1] = torch.tensor(answer)
+    return MicroBatch(chunks, doc_chunks, row_doc, ids, mask, labels, qas)
+
+
+@dataclass(frozen=True)
+class StudentOutput:
+    loss: torch.Tensor
+    """Mean cross-entropy over answer tokens (per row, then over rows)."""
+    l1: torch.Tensor
+    token_correct: torch.Tensor
+    """(Q,) fraction of answer tokens predicted exactly (teacher-forced)."""
+    answer_exact: torch.Tensor
+    """(Q,) 1.0 where every answer token is the argmax."""
+
+
+def student_forward(
+    model: PreTrainedModel,
+    hypernet: HyperLoRA,
+    layers_prefix: str,
+    batch: MicroBatch,
+    doc_weights_override: Sequence[dict] | None = None,
+) -> StudentOutput:
+    """Make each document's adapter, apply per row, and score the answer tokens."""
+    device = model.get_input_embeddings().weight.device
+    out = run_hypernet(model, hypernet, batch.chunks)
+    doc_weights = doc_weights_override or [gather_weights(out, layers_prefix, rows) for rows in batch.doc_chunks]
+    per_row = stack_per_row([doc_weights[d] for d in batch.row_doc])
+    labels = batch.labels.to(device)
+    with lora_scope(model, per_row):
+        hidden = model.get_decoder()(
+            input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
+        ).last_hidden_state
+    picked = labels != -100
+    # Logits only where an answer token is predicted: the 49K-way head over every position would
+    # cost more than the whole LoRA path.
+    logits = model.get_output_embeddings()(hidden[picked]).float()
+    token_loss = F.cross_entropy(logits, labels[picked], reduction="none")
+    row_index = picked.nonzero()[:, 0]
+    n_rows = labels.shape[0]
+    counts = torch.zeros(n_rows, device=device).index_add_(0, row_index, torch.ones_like(token_loss))
+    row_loss = torch.zeros(n_rows, device=device).index_add_(0, row_index, token_loss) / counts
+    correct = (logits.argmax(-1) == labels[picked]).float()
+    row_correct = torch.zeros(n_rows, device=device).index_add_(0, row_index, correct) / counts
+    l1 = torch.stack([t.abs().mean() for pair in out.values() for t in pair]).mean()
+    return StudentOutput(row_loss.mean(), l1, row_correct.detach(), (row_correct.detach() == 1).float())

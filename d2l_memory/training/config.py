@@ -1,0 +1,72 @@
+"""TrainConfig: everything a meta-training run depends on, stored with every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    base_model: str = "smollm2-135m-instruct"
+    """Built-in name, local folder or hub id of the frozen base model."""
+    out_dir: str = "runs/default"
+    """Checkpoints, logs and plots go here."""
+    seed: int = 0
+    steps: int = 3000
+    """Optimizer steps."""
+    docs_per_step: int = 4
+    """Documents per micro-batch (all their chunks go through the encoder in one pass)."""
+    questions_per_doc: int = 4
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 5e-4
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr · min_lr_ratio."""
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    l1_weight: float = 0.0
+    """L1 penalty on the generated A and B (D2L uses 0.1 with its scaling)."""
+    multi_chunk_prob: float = 0.5
+    """Probability that a training document is cut into 2..max_chunks chunks (else one chunk)."""
+    max_chunks: int = 4
+    domain_weights: dict[str, float] = field(
+        default_factory=lambda: {"facts": 0.5, "conversation": 0.2, "tool": 0.15, "needle": 0.15}
+    )
+    rank: int = 8
+    targets: tuple[str, ...] = ("mlp.down_proj",)
+    hypernet: dict[str, Any] = field(default_factory=dict)
+    """Overrides of HypernetConfig fields (width, n_blocks, n_heads, proj_hidden, copy_path)."""
+    feature_layer: int | None = None
+    """See EncoderConfig.feature_layer."""
+    target_keys: bool = True
+    """See EncoderConfig.target_keys."""
+    checkpoint_every: int = 50
+    eval_every: int = 100
+    eval_docs: int = 48
+    """Held-out documents scored (teacher-forced) at each evaluation."""
+    device: str = "cpu"
+    threads: int | None = None
+    """torch intra-op threads; None keeps torch's default."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training config keys: {unknown}")
+        data = dict(data)
+        if "targets" in data:
+            data["targets"] = tuple(data["targets"])
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,61 @@
+"""The ``d2l-memory`` command line: parses arguments and dispatches to one module per command group."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from d2l_memory.errors import D2LMemoryError
+
+logger = logging.getLogger(__name__)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="meta-train a hypernetwork (resumes from OUT_DIR/state if present)")
+    p.add_argument("config", help="JSON file with TrainConfig fields (see d2l_memory/training/config.py)")
+    p.add_argument("--steps", type=int, help="override the config's total optimizer steps")
+    p.add_argument("--out-dir", help="override the config's output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from d2l_memory.training.config import TrainConfig
+    from d2l_memory.training.trainer import Trainer
+
+    cfg = TrainConfig.from_file(args.config)
+    overrides = {k: v for k, v in {"steps": args.steps, "out_dir": args.out_dir}.items() if v is not None}
+    if overrides:
+        cfg = TrainConfig.from_dict({**cfg.__dict__, **overrides})
+    Trainer(cfg).run(progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d2l-memory", description="Agent memory as Doc-to-LoRA adapters.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args))
+    except D2LMemoryError as exc:
+        logger.debug("command failed", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

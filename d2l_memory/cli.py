@@ -33,10 +33,23 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_prepare_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare-model", help="convert the packaged default base model into the cache (offline, once)")
+    p.set_defaults(handler=_run_prepare_model)
+
+
+def _run_prepare_model(args: argparse.Namespace) -> int:
+    from d2l_memory.base_model import d2l_home, prepare_default_model
+
+    print(prepare_default_model(d2l_home()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2l-memory", description="Agent memory as Doc-to-LoRA adapters.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_prepare_model(sub)
     _add_train(sub)
     return parser
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from threading import Thread
+from threading import Event, Thread
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from d2l_memory.config import GenerationConfig
 from d2l_memory.errors import DocumentTooLargeError
@@ -118,11 +118,13 @@ def stream_tokens(
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
     errors: list[BaseException] = []
+    cancelled = Event()
 
     def run() -> None:
         try:
             with torch.inference_mode(), lora_scope(model, adapter):
                 model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                               stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
                                **_generate_kwargs(tokenizer, cfg))
         except BaseException as exc:  # surfaced to the consumer below
             errors.append(exc)
@@ -131,16 +133,29 @@ def stream_tokens(
     worker = Thread(target=run, daemon=True)
     worker.start()
     emitted = ""
-    for piece in streamer:
-        if cfg.stop:
-            candidate = cut_at_stops(emitted + piece, cfg.stop)
-            if len(candidate) < len(emitted + piece):
-                if candidate[len(emitted):]:
-                    yield candidate[len(emitted):]
-                break
-        emitted += piece
-        if piece:
-            yield piece
-    worker.join()
+    try:
+        for piece in streamer:
+            if cfg.stop:
+                candidate = cut_at_stops(emitted + piece, cfg.stop)
+                if len(candidate) < len(emitted + piece):
+                    if candidate[len(emitted):]:
+                        yield candidate[len(emitted):]
+                    break
+            emitted += piece
+            if piece:
+                yield piece
+    finally:
+        # A stop string, an error or the consumer closing the iterator ends decoding now: the
+        # adapter scope must be gone before the caller (and the engine lock) moves on.
+        cancelled.set()
+        worker.join()
     if errors:
         raise errors[0]
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> bool:
+        return self.event.is_set()

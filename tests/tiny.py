@@ -9,6 +9,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from d2l_memory.base_model import LoadedBaseModel, wrap_base_model
+from d2l_memory.checkpoint import hypernet_id_of
+from d2l_memory.config import ChunkConfig, GenerationConfig, HypernetConfig
+from d2l_memory.engine import MemoryEngine, default_hypernet_config
+from d2l_memory.hypernet import HyperLoRA
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -61,3 +65,27 @@ def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 32, tie: bool = Tru
 
 def tiny_base(seed: int = 0, **kwargs: object) -> LoadedBaseModel:
     return wrap_base_model(tiny_model(seed, **kwargs), tiny_tokenizer(), name=f"tiny-{seed}")
+
+
+def tiny_hypernet_config(model: LlamaForCausalLM, rank: int = 4, **overrides: object) -> HypernetConfig:
+    settings: dict[str, object] = {"width": 32, "n_heads": 2, "n_blocks": 1, "proj_hidden": 64, **overrides}
+    return default_hypernet_config(model, ("mlp.down_proj",), rank, **settings)
+
+
+def tiny_hypernet(model: LlamaForCausalLM, seed: int = 0, **overrides: object) -> HyperLoRA:
+    """A random hypernetwork whose B scale is non-zero, so its adapters actually change outputs."""
+    torch.manual_seed(seed)
+    net = HyperLoRA(tiny_hypernet_config(model, **overrides))
+    with torch.no_grad():
+        for head in net.heads.values():
+            head.scale_b.fill_(0.5)
+    return net.eval()
+
+
+def tiny_engine(seed: int = 0, chunk_tokens: int = 16, **overrides: object) -> MemoryEngine:
+    base = tiny_base(seed)
+    net = tiny_hypernet(base.model, seed, **overrides)
+    return MemoryEngine(
+        base, net, hypernet_id=hypernet_id_of(net), chunking=ChunkConfig(chunk_tokens=chunk_tokens),
+        generation=GenerationConfig(max_new_tokens=8),
+    )

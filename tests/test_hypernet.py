@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import torch
+
+from d2l_memory import EncoderConfig, HypernetConfig, TargetSpec
+from d2l_memory.hypernet import HyperLoRA, count_parameters
+from d2l_memory.internalize import run_hypernet
+from tiny import tiny_hypernet_config, tiny_model, tiny_tokenizer
+
+
+def chunk_ids(texts: list[str]) -> list[list[int]]:
+    return [tiny_tokenizer().encode(t, add_special_tokens=False) for t in texts]
+
+
+def test_output_shapes_for_every_layer_and_chunk() -> None:
+    model = tiny_model()
+    net = HyperLoRA(tiny_hypernet_config(model, rank=4))
+    out = run_hypernet(model, net, chunk_ids(["Alice lives in Paris.", "Bob likes teal and works as a baker."]))
+    a, b = out["mlp.down_proj"]
+    assert a.shape == (2, 2, 4, model.config.intermediate_size)
+    assert b.shape == (2, 2, model.config.hidden_size, 4)
+
+
+def test_delta_w_is_zero_at_initialisation() -> None:
+    model = tiny_model()
+    net = HyperLoRA(tiny_hypernet_config(model))
+    a, b = run_hypernet(model, net, chunk_ids(["Alice lives in Paris."]))["mlp.down_proj"]
+    assert torch.count_nonzero(b @ a) == 0 and torch.count_nonzero(a) > 0
+
+
+def test_gradients_reach_the_hypernetwork_through_a_zero_init() -> None:
+    model = tiny_model()
+    net = HyperLoRA(tiny_hypernet_config(model))
+    a, b = run_hypernet(model, net, chunk_ids(["Alice lives in Paris."]))["mlp.down_proj"]
+    (b.sum() + a.sum()).backward()
+    head = net.heads["mlp__down_proj"]
+    assert head.scale_b.grad is not None and head.scale_b.grad.abs().sum() > 0
+
+
+def test_padding_does_not_change_a_chunks_factors() -> None:
+    model = tiny_model()
+    net = HyperLoRA(tiny_hypernet_config(model)).eval()
+    with torch.no_grad():
+        net.heads["mlp__down_proj"].scale_b.fill_(1.0)
+        short = chunk_ids(["Alice lives in Paris."])
+        alone = run_hypernet(model, net, short)["mlp.down_proj"]
+        padded = run_hypernet(model, net, short + chunk_ids(["A much longer neighbour chunk that forces padding " * 3]))
+    torch.testing.assert_close(padded["mlp.down_proj"][0][:1], alone[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(padded["mlp.down_proj"][1][:1], alone[1], rtol=1e-4, atol=1e-5)
+
+
+def test_early_exit_encoder_without_keys_works() -> None:
+    model = tiny_model(layers=3)
+    net = HyperLoRA(tiny_hypernet_config(model, encoder=EncoderConfig(feature_layer=1, target_keys=False)))
+    a, _ = run_hypernet(model, net, chunk_ids(["Alice lives in Paris."]))["mlp.down_proj"]
+    assert a.shape[1] == 3
+
+
+def test_default_model_sized_hypernet_stays_under_20m_parameters() -> None:
+    # SmolLM2-135M: 30 layers, hidden 576, down_proj 1536 -> 576.
+    cfg = HypernetConfig(base_hidden_size=576, num_layers=30, targets=(TargetSpec("mlp.down_proj", 1536, 576),))
+    assert count_parameters(HyperLoRA(cfg)) < 20_000_000
+
+
+def test_other_targets_by_config() -> None:
+    model = tiny_model()
+    cfg = tiny_hypernet_config(model)
+    from d2l_memory.engine import default_hypernet_config
+
+    cfg = default_hypernet_config(model, ("mlp.down_proj", "self_attn.q_proj"), 2, width=32, n_heads=2, n_blocks=1, proj_hidden=64)
+    out = run_hypernet(model, HyperLoRA(cfg), chunk_ids(["Alice lives in Paris."]))
+    assert set(out) == {"mlp.down_proj", "self_attn.q_proj"}
+    assert out["self_attn.q_proj"][0].shape[-1] == model.config.hidden_size

@@ -75,8 +75,11 @@ class MemoryEngine:
         chunking: ChunkConfig = ChunkConfig(),
         generation: GenerationConfig = GenerationConfig(),
         chunk_batch_size: int = 8,
+        hypernet_trained: bool = True,
     ) -> None:
         self.base = base
+        self.hypernet_trained = hypernet_trained
+        """False only for the untrained stand-in used when no checkpoint exists (adapters are zero)."""
         self.hypernet = hypernet.eval()
         self.hypernet_id = hypernet_id
         self.chunking = chunking
@@ -118,7 +121,8 @@ class MemoryEngine:
         )
         torch.manual_seed(0)
         module = HyperLoRA(default_hypernet_config(base.model)).to(device)
-        return cls(base, module, hypernet_id=hypernet_id_of(module), chunking=chunking, generation=generation)
+        return cls(base, module, hypernet_id=hypernet_id_of(module), chunking=chunking, generation=generation,
+                   hypernet_trained=False)
 
     @classmethod
     def from_checkpoint_meta(cls, base: LoadedBaseModel, module: HyperLoRA, meta: HypernetMeta) -> MemoryEngine:

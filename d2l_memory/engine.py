@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +34,13 @@ from d2l_memory.hypernet import HyperLoRA
 from d2l_memory.internalize import gather_weights, run_hypernet
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
 
 SHIPPED_CHECKPOINTS = Path(__file__).parent / "checkpoints"
 Source = str | bytes | Sequence[Message]
@@ -190,12 +197,30 @@ class MemoryEngine:
         *,
         memory: MemoryAdapter | None = None,
         context: str | None = None,
+        history: Sequence[Message] = (),
         max_new_tokens: int | None = None,
         generation: GenerationConfig | None = None,
     ) -> str:
-        """Answer with the memory's adapter (no document in the prompt), the document in the prompt, or neither."""
+        """Answer with the memory's adapter (no document in the prompt), the document in the prompt, or neither.
+
+        ``history`` holds earlier chat turns ({"role", "content"}) placed before the question.
+        """
+        return self.complete(question, memory=memory, context=context, history=history,
+                             max_new_tokens=max_new_tokens, generation=generation).text
+
+    def complete(
+        self,
+        question: str,
+        *,
+        memory: MemoryAdapter | None = None,
+        context: str | None = None,
+        history: Sequence[Message] = (),
+        max_new_tokens: int | None = None,
+        generation: GenerationConfig | None = None,
+    ) -> Completion:
+        """Like ``generate``, with token counts."""
         cfg = self._generation(generation, max_new_tokens)
-        return self.generate_batch([question], memories=[memory], contexts=[context], generation=cfg)[0]
+        return self.complete_batch([question], memories=[memory], contexts=[context], histories=[history], generation=cfg)[0]
 
     def generate_batch(
         self,
@@ -203,22 +228,38 @@ class MemoryEngine:
         *,
         memories: Sequence[MemoryAdapter | None] | None = None,
         contexts: Sequence[str | None] | None = None,
+        histories: Sequence[Sequence[Message]] | None = None,
         generation: GenerationConfig | None = None,
     ) -> list[str]:
-        """One batched decode; row i uses memories[i] (its own adapter) and contexts[i]."""
+        """One batched decode; row i uses memories[i] (its own adapter), contexts[i] and histories[i]."""
+        done = self.complete_batch(questions, memories=memories, contexts=contexts, histories=histories, generation=generation)
+        return [c.text for c in done]
+
+    def complete_batch(
+        self,
+        questions: Sequence[str],
+        *,
+        memories: Sequence[MemoryAdapter | None] | None = None,
+        contexts: Sequence[str | None] | None = None,
+        histories: Sequence[Sequence[Message]] | None = None,
+        generation: GenerationConfig | None = None,
+    ) -> list[Completion]:
         cfg = generation or self.generation
-        memories = list(memories) if memories is not None else [None] * len(questions)
-        contexts = list(contexts) if contexts is not None else [None] * len(questions)
-        if not (len(memories) == len(contexts) == len(questions)):
-            raise ValueError("questions, memories and contexts must have the same length")
+        n = len(questions)
+        memories = list(memories) if memories is not None else [None] * n
+        contexts = list(contexts) if contexts is not None else [None] * n
+        histories = list(histories) if histories is not None else [()] * n
+        if not (len(memories) == len(contexts) == len(histories) == n):
+            raise ValueError("questions, memories, contexts and histories must have the same length")
         for memory in memories:
             if memory is not None:
                 self.check_compatible(memory)
-        prompts = [prompt_ids(self.tokenizer, q, c) for q, c in zip(questions, contexts, strict=True)]
+        prompts = [prompt_ids(self.tokenizer, q, c, [dict(m) for m in h])
+                   for q, c, h in zip(questions, contexts, histories, strict=True)]
         adapters = None if all(m is None for m in memories) else memories
         with self._lock:
-            answers, _ = generate_batch(self.model, self.tokenizer, prompts, cfg, adapters)
-        return answers
+            answers, counts = generate_batch(self.model, self.tokenizer, prompts, cfg, adapters)
+        return [Completion(a, len(p), c) for a, p, c in zip(answers, prompts, counts, strict=True)]
 
     def stream(
         self,
@@ -226,15 +267,20 @@ class MemoryEngine:
         *,
         memory: MemoryAdapter | None = None,
         context: str | None = None,
-        history: Sequence[dict[str, str]] = (),
+        history: Sequence[Message] = (),
+        max_new_tokens: int | None = None,
         generation: GenerationConfig | None = None,
     ) -> Iterator[str]:
         """Yield the answer piece by piece; the engine is busy until the iterator is exhausted or closed."""
         if memory is not None:
             self.check_compatible(memory)
-        prompt = prompt_ids(self.tokenizer, question, context, history)
+        prompt = prompt_ids(self.tokenizer, question, context, [dict(m) for m in history])
+        cfg = self._generation(generation, max_new_tokens)
         with self._lock:
-            yield from stream_tokens(self.model, self.tokenizer, prompt, generation or self.generation, memory)
+            yield from stream_tokens(self.model, self.tokenizer, prompt, cfg, memory)
+
+    def count_prompt_tokens(self, question: str, *, context: str | None = None, history: Sequence[Message] = ()) -> int:
+        return len(prompt_ids(self.tokenizer, question, context, [dict(m) for m in history]))
 
     def check_compatible(self, memory: MemoryAdapter) -> None:
         from d2l_memory.adapter import check_identity

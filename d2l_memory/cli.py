@@ -7,6 +7,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from d2l_store import RecordNotFound, StoreError
+
+from d2l_memory.cli_memory import add_memory_commands
 from d2l_memory.errors import D2LMemoryError
 
 logger = logging.getLogger(__name__)
@@ -47,8 +50,9 @@ def _run_prepare_model(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2l-memory", description="Agent memory as Doc-to-LoRA adapters.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: info logging, -vv: debug")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_memory_commands(sub)
     _add_prepare_model(sub)
     _add_train(sub)
     return parser
@@ -56,13 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "train":  # long runs: their progress lines are the point
+        logging.getLogger("d2l_memory").setLevel(min(level, logging.INFO))
     try:
         return int(args.handler(args))
-    except D2LMemoryError as exc:
+    except RecordNotFound as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 3
+    except (D2LMemoryError, StoreError) as exc:
         logger.debug("command failed", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -366,6 +366,14 @@ class MemoryProvider:
     def list_memories(self, scope: Scope, **filters: Any) -> list[AdapterRecord]:
         return self.store.list(scope, **filters)
 
+    def visible_memories(self, scope: Scope) -> list[AdapterRecord]:
+        """This engine's memories a query in ``scope`` can see (the scope and its ancestors), with source text."""
+        return self._visible_records(scope, None)[0]
+
+    def chunk_texts(self, record: AdapterRecord) -> tuple[str, ...]:
+        """Source text of each chunk of a memory, in rank order ("" for each when no text was kept)."""
+        return self._candidate(record, record.scope).chunk_texts
+
     def _visible_records(self, scope: Scope, memory_ids: Sequence[str] | None) -> tuple[list[AdapterRecord], list[tuple[str, str]]]:
         if memory_ids is not None:
             records = [self.store.get_record(i, scope=Scope(tenant=scope.tenant)) for i in memory_ids]

@@ -202,3 +202,13 @@ def test_async_variants(provider: MemoryProvider) -> None:
 
     added, answer = asyncio.run(run())
     assert answer.recall.memory_ids == (added.record.id,)
+
+
+def test_visible_memories_and_their_chunk_texts(provider: MemoryProvider) -> None:
+    mine = provider.add_document(DOC_PARIS, ALICE).record
+    shared = provider.add_document(DOC_TOOL, Scope(tenant="acme")).record
+    provider.add_document(DOC_TEAL, BOB)
+    visible = provider.visible_memories(ALICE)
+    assert {r.id for r in visible} == {mine.id, shared.id}
+    texts = provider.chunk_texts(next(r for r in visible if r.id == mine.id))
+    assert len(texts) == mine.n_chunks > 1 and "".join(texts) == mine.source_text

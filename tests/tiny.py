@@ -46,7 +46,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 32, tie: bool = True) -> LlamaForCausalLM:
+def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 32, tie: bool = True, init_range: float = 0.02) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tiny_tokenizer()),
@@ -57,6 +57,7 @@ def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 32, tie: bool = Tru
         num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=tie,
+        initializer_range=init_range,
         pad_token_id=tiny_tokenizer().pad_token_id,
         eos_token_id=tiny_tokenizer().eos_token_id,
     )

@@ -130,7 +130,8 @@ _CHAT_FACTS: tuple[tuple[str, str, str, str, bool], ...] = (
     # (user statement, question, value kind, value class, open)
     ("My dog is called {v}.", "What is my dog's name?", "pet", "pet_name", True),
     ("I grew up in {v}, a small town.", "Where did I grow up?", "city", "city", True),
-    ("My sister's name is {v}.", "What is my sister's name?", "person", "person", True),
+    # A first name alone is not split-checked (only full names are), so it may occur in training.
+    ("My sister's name is {v}.", "What is my sister's name?", "person", "person", False),
     ("Our wedding anniversary is in {v}, believe it or not.", "In what year is my wedding anniversary?", "year", "year", True),
     ("The code for my gym locker is {v}.", "What is my gym locker code?", "number", "number", True),
     ("I'm flying to {v} next month for work.", "Which city am I flying to next month?", "city", "city", True),
@@ -191,7 +192,8 @@ def tool_document(rng: random.Random, split: Split) -> tuple[str, list[QA]]:
     qas = [QA(f"Which tool {purpose}?", tool, "reverse", "tool", True),
            QA(f"Which error does {tool} raise when the target does not exist?", error, "single", "error", True)]
     for name, default in params:
-        qas.append(QA(f"What is the default value of {name} in {tool}?", default, "single", "number", True))
+        # Defaults are small integers that training sees too: a closed-set value, not an unseen one.
+        qas.append(QA(f"What is the default value of {name} in {tool}?", default, "single", "number", False))
     return "\n".join(lines), qas
 
 

@@ -276,7 +276,7 @@ class MemoryProvider:
     def session_memory(self, scope: Scope) -> AdapterRecord | None:
         """The compacted-history memory of exactly this session, if any."""
         for kind in HISTORY_KINDS:
-            found = self.store.list(scope, kind=kind, exact_scope=True, limit=1,
+            found = self.store.list(scope, kind=kind, exact_scope=True, limit=1, include_source_text=True,
                                     base_model=self.engine.base_model_id, hypernet=self.engine.hypernet_id)
             if found:
                 return found[0]

@@ -212,3 +212,14 @@ def test_visible_memories_and_their_chunk_texts(provider: MemoryProvider) -> Non
     assert {r.id for r in visible} == {mine.id, shared.id}
     texts = provider.chunk_texts(next(r for r in visible if r.id == mine.id))
     assert len(texts) == mine.n_chunks > 1 and "".join(texts) == mine.source_text
+
+
+def test_compaction_keeps_the_text_of_earlier_chunks(provider: MemoryProvider) -> None:
+    first = [{"role": "user", "content": f"First batch {i}: Alice lives in Paris."} for i in range(6)]
+    provider.append_messages(ALICE, first)
+    provider.compact(ALICE)
+    provider.append_messages(ALICE, [{"role": "user", "content": "Second batch: Bob likes teal."}])
+    done = provider.compact(ALICE)
+    assert done is not None and done.record.version > 1
+    text = "".join(provider.chunk_texts(provider.store.get_record(done.record.id)))
+    assert "First batch 0" in text and "Bob likes teal" in text

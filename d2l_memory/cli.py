@@ -48,6 +48,50 @@ def _run_prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a hypernetwork on held-out documents (all modes, with controls)")
+    p.add_argument("--base-model", default=None, help="base model (default: the built-in one)")
+    p.add_argument("--hypernet", default=None, help="checkpoint folder (default: the shipped one)")
+    p.add_argument("--out", default="benchmarks/results", help="folder for eval.json, eval.md and eval.png")
+    p.add_argument("--quick", action="store_true", help="a few documents per domain (minutes, for smoke checks)")
+    p.add_argument("--no-distill", action="store_true", help="skip the context-distillation reference")
+    p.add_argument("--benchmarks", action="store_true", help="write the results into BENCHMARKS.md")
+    p.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    import shlex
+    from pathlib import Path
+
+    from d2l_memory.engine import MemoryEngine
+    from d2l_memory.evaluation.distill import DistillConfig
+    from d2l_memory.evaluation.harness import MODES, EvalConfig, run_eval
+    from d2l_memory.evaluation.report import markdown, plot
+    from d2l_memory.reporting import replace_section
+
+    cfg = EvalConfig()
+    if args.quick:
+        cfg = dataclasses.replace(cfg, docs={"facts": 8, "conversation": 4, "tool": 4}, needle_tokens=(1024,),
+                                  needle_depths=(0.5,), distill_docs=1, distill=DistillConfig(steps=30))
+    if args.no_distill:
+        cfg = dataclasses.replace(cfg, modes=tuple(m for m in MODES if m != "distill"))
+    engine = MemoryEngine.from_pretrained(**({"base_model": args.base_model} if args.base_model else {}), hypernet=args.hypernet)
+    result = run_eval(engine, cfg)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=1, default=str))
+    text = markdown(result, "d2l-memory " + shlex.join(args.argv))
+    image = plot(result, out / "eval.png")
+    text += f"\n\n![evaluation]({image.as_posix()})\n\nRaw results: `{(out / 'eval.json').as_posix()}`"
+    (out / "eval.md").write_text(text + "\n")
+    print(text)
+    if args.benchmarks:
+        replace_section(Path("BENCHMARKS.md"), "eval", text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2l-memory", description="Agent memory as Doc-to-LoRA adapters.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: info logging, -vv: debug")
@@ -55,11 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_memory_commands(sub)
     _add_prepare_model(sub)
     _add_train(sub)
+    _add_eval(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # reports quote the exact command that produced them
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "train":  # long runs: their progress lines are the point

@@ -28,7 +28,7 @@ from d2l_memory.base_model import (
 )
 from d2l_memory.checkpoint import HypernetMeta, hypernet_id_of, load_hypernet
 from d2l_memory.chunking import Message, as_text, chunk_text, user_turn_affixes
-from d2l_memory.config import ChunkConfig, EncoderConfig, GenerationConfig, HypernetConfig
+from d2l_memory.config import ChunkConfig, EncoderConfig, GenerationConfig, HypernetConfig, TargetSpec
 from d2l_memory.generation import generate_batch, prompt_ids, stream_tokens
 from d2l_memory.hypernet import HyperLoRA
 from d2l_memory.internalize import gather_weights, run_hypernet
@@ -144,6 +144,11 @@ class MemoryEngine:
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.base.tokenizer
+
+    def adapter_targets(self) -> list[tuple[str, TargetSpec]]:
+        """Full module path and shape of every module this engine's adapters write to."""
+        return [(f"{self.layers_prefix}.{layer}.{t.name}", t)
+                for layer in range(self.hypernet.cfg.num_layers) for t in self.hypernet.cfg.targets]
 
     @property
     def base_model_id(self) -> str:

@@ -1,0 +1,217 @@
+"""The evaluation harness: held-out documents answered in every mode, scored the same way.
+
+Modes (each a way of giving the model the document):
+    none           the question alone;
+    in_context     the whole document in the prompt (only where it fits the window);
+    rag            the BM25 top chunks of the document in the prompt;
+    adapter        the document's D2L adapter, question alone in the prompt;
+    hybrid         adapter + the BM25 top chunks;
+    wrong_adapter  another document's adapter (control: must stay near ``none``);
+    distill        a context-distilled LoRA (gradient-trained per document; small subset only).
+Every document comes from the held-out split: entities, values and half the phrasings never
+appear in training.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rank_bm25 import BM25Okapi
+from tqdm.auto import tqdm
+
+from d2l_memory.adapter import MemoryAdapter
+from d2l_memory.engine import MemoryEngine
+from d2l_memory.evaluation.distill import DistillConfig, context_distill
+from d2l_memory.evaluation.metrics import contains_match, exact_match, token_f1
+from d2l_memory.config import GenerationConfig
+from d2l_memory.generation import context_window, generate_batch, prompt_ids
+from d2l_memory.recall import words
+from d2l_memory.training.synth import QA, Sample, make_sample, needle_document
+
+logger = logging.getLogger(__name__)
+
+MODES = ("none", "in_context", "rag", "adapter", "hybrid", "wrong_adapter", "distill")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    seed: int = 0
+    docs: dict[str, int] = field(default_factory=lambda: {"facts": 40, "conversation": 16, "tool": 16})
+    questions_per_doc: int = 4
+    needle_tokens: tuple[int, ...] = (1024, 4096, 12288)
+    """Needle documents are cut to about this many tokens (12K is past SmolLM2's 8K window)."""
+    needle_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    distill_docs: int = 4
+    """Fact documents that also get a context-distilled LoRA (about a minute each on CPU)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    rag_chunk_tokens: int = 128
+    rag_top_k: int = 2
+    max_new_tokens: int = 24
+    batch_size: int = 8
+    modes: tuple[str, ...] = MODES
+
+
+@dataclass
+class Doc:
+    sample: Sample
+    qas: list[QA]
+    memory: MemoryAdapter | None = None
+    tokens: int = 0
+    needle_depth: float | None = None
+    distilled: MemoryAdapter | None = None
+
+
+@dataclass(frozen=True)
+class Row:
+    doc: int
+    qa: QA
+
+
+def build_docs(engine: MemoryEngine, cfg: EvalConfig) -> list[Doc]:
+    docs: list[Doc] = []
+    for domain, count in cfg.docs.items():
+        for i in range(count):
+            sample = make_sample(cfg.seed, "test", i, domain)  # type: ignore[arg-type]
+            rng = random.Random(f"eval/{cfg.seed}/{sample.sample_id}")
+            qas = rng.sample(list(sample.qas), min(cfg.questions_per_doc, len(sample.qas)))
+            docs.append(Doc(sample, qas))
+    for n_tokens in cfg.needle_tokens:
+        for depth in cfg.needle_depths:
+            rng = random.Random(f"eval/{cfg.seed}/needle/{n_tokens}/{depth}")
+            text, qas = needle_document(rng, "test", n_chars=int(n_tokens * 4.2), depth=depth)
+            sample = Sample(f"test-needle-{n_tokens}-{depth}", "needle", text, tuple(qas))
+            docs.append(Doc(sample, list(qas), needle_depth=depth))
+    for doc in docs:
+        doc.tokens = len(engine.tokenizer.encode(doc.sample.text, add_special_tokens=False))
+    return docs
+
+
+def rag_context(engine: MemoryEngine, text: str, question: str, cfg: EvalConfig) -> str:
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    chunks = [engine.tokenizer.decode(ids[s : s + cfg.rag_chunk_tokens]) for s in range(0, len(ids), cfg.rag_chunk_tokens)]
+    scores = BM25Okapi([words(c) or ["\u2205"] for c in chunks]).get_scores(words(question))
+    best = sorted(sorted(range(len(chunks)), key=lambda i: -scores[i])[: cfg.rag_top_k])  # document order
+    return "\n...\n".join(chunks[i].strip() for i in best)
+
+
+def _wrong_partner(docs: Sequence[Doc], index: int) -> int:
+    """The next document of the same domain (a different document, same kind of content)."""
+    same = [i for i, d in enumerate(docs) if d.sample.domain == docs[index].sample.domain]
+    return same[(same.index(index) + 1) % len(same)]
+
+
+def _inputs(engine: MemoryEngine, docs: list[Doc], row: Row, mode: str, cfg: EvalConfig) -> tuple[MemoryAdapter | None, str | None] | None:
+    """(adapter, context) for one row in one mode, or None when the mode does not apply."""
+    doc = docs[row.doc]
+    if mode == "none":
+        return None, None
+    if mode == "in_context":
+        prompt = prompt_ids(engine.tokenizer, row.qa.question, doc.sample.text)
+        if len(prompt) + cfg.max_new_tokens > context_window(engine.model):
+            return None  # cannot run at all: the document does not fit
+        return None, doc.sample.text
+    if mode == "rag":
+        return None, rag_context(engine, doc.sample.text, row.qa.question, cfg)
+    if mode == "adapter":
+        return doc.memory, None
+    if mode == "hybrid":
+        return doc.memory, rag_context(engine, doc.sample.text, row.qa.question, cfg)
+    if mode == "wrong_adapter":
+        return docs[_wrong_partner(docs, row.doc)].memory, None
+    if mode == "distill":
+        return (doc.distilled, None) if doc.distilled is not None else None
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def run_eval(engine: MemoryEngine, cfg: EvalConfig = EvalConfig(), progress: bool = True) -> dict[str, Any]:
+    started = time.perf_counter()
+    docs = build_docs(engine, cfg)
+    write_seconds: list[float] = []
+    for doc in tqdm(docs, desc="internalizing", disable=not progress):
+        t0 = time.perf_counter()
+        doc.memory = engine.internalize(doc.sample.text, progress=False)
+        write_seconds.append(time.perf_counter() - t0)
+    if "distill" in cfg.modes:
+        fact_docs = [d for d in docs if d.sample.domain == "facts"][: cfg.distill_docs]
+        for doc in tqdm(fact_docs, desc="context distillation", disable=not progress):
+            doc.distilled = context_distill(engine, doc.sample.text, cfg.distill, seed=cfg.seed)
+    rows = [Row(i, qa) for i, doc in enumerate(docs) for qa in doc.qas]
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens)
+    results: list[dict[str, Any]] = []
+    mode_seconds: dict[str, float] = {}
+    for mode in cfg.modes:
+        todo = [(row, inputs) for row in rows if (inputs := _inputs(engine, docs, row, mode, cfg)) is not None]
+        # Similar prompt lengths share a batch, so short prompts are not padded to a 4K-token one.
+        todo.sort(key=lambda item: len(item[1][1] or ""))
+        t0 = time.perf_counter()
+        for start in tqdm(range(0, len(todo), cfg.batch_size), desc=f"answering ({mode})", disable=not progress):
+            batch = todo[start : start + cfg.batch_size]
+            prompts = [prompt_ids(engine.tokenizer, row.qa.question, ctx) for row, (_, ctx) in batch]
+            adapters = [adapter for _, (adapter, _) in batch]
+            answers, _ = generate_batch(engine.model, engine.tokenizer, prompts, gen,
+                                        None if all(a is None for a in adapters) else adapters)
+            for (row, _), answer in zip(batch, answers, strict=True):
+                results.append(_score(docs[row.doc], row.qa, mode, answer))
+        mode_seconds[mode] = time.perf_counter() - t0
+    return {
+        "config": asdict(cfg),
+        "base_model": engine.base_model_id,
+        "hypernet": engine.hypernet_id,
+        "hypernet_trained": engine.hypernet_trained,
+        "n_docs": len(docs),
+        "n_questions": len(rows),
+        "internalize_seconds_mean": sum(write_seconds) / len(write_seconds),
+        "mode_seconds": mode_seconds,
+        "total_seconds": time.perf_counter() - started,
+        "summary": summarise(results),
+        "rows": results,
+    }
+
+
+def _score(doc: Doc, qa: QA, mode: str, answer: str) -> dict[str, Any]:
+    return {
+        "doc": doc.sample.sample_id, "domain": doc.sample.domain, "tokens": doc.tokens, "depth": doc.needle_depth,
+        "mode": mode, "question": qa.question, "gold": qa.answer, "answer": answer, "kind": qa.kind,
+        "value_class": qa.value_class, "open_value": qa.open_value, "distilled_doc": doc.distilled is not None,
+        "contains": contains_match(answer, qa.answer), "exact": exact_match(answer, qa.answer),
+        "f1": token_f1(answer, qa.answer),
+    }  # fmt: skip
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    return sum(float(r[key]) for r in rows) / len(rows) if rows else float("nan")
+
+
+def _group(rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any]) -> dict[str, dict[str, Any]]:
+    groups: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[key(r)].append(r)
+    return {str(k): {"n": len(v), "contains": _mean(v, "contains"), "exact": _mean(v, "exact"), "f1": _mean(v, "f1")}
+            for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))}
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    by_mode: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        by_mode[r["mode"]].append(r)
+    short = lambda r: r["domain"] != "needle"  # noqa: E731 - fact/conversation/tool documents
+    out: dict[str, Any] = {}
+    for mode, rows in by_mode.items():
+        docs_rows = [r for r in rows if short(r)]
+        facts = [r for r in rows if r["domain"] == "facts"]
+        out[mode] = {
+            "short_docs": _group(docs_rows, lambda r: "all"),
+            "by_domain": _group(rows, lambda r: r["domain"]),
+            "facts_by_value": _group(facts, lambda r: "unseen values" if r["open_value"] else "closed-set values"),
+            "by_value_class": _group(docs_rows, lambda r: r["value_class"]),
+            "needle_by_length": _group([r for r in rows if r["domain"] == "needle"], lambda r: r["tokens"]),
+            "needle_by_depth": _group([r for r in rows if r["domain"] == "needle"], lambda r: r["depth"]),
+            "distill_subset": _group([r for r in rows if r["distilled_doc"]], lambda r: "subset"),
+        }
+    return out

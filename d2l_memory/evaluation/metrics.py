@@ -1,0 +1,34 @@
+"""Answer scoring: normalised contains-match, exact match and token F1 (SQuAD-style normalisation)."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalise(text: str) -> str:
+    text = text.lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def contains_match(prediction: str, gold: str) -> bool:
+    """The gold answer appears in the prediction as whole words (after normalisation)."""
+    g, p = normalise(gold), normalise(prediction)
+    return bool(g) and f" {g} " in f" {p} "
+
+
+def exact_match(prediction: str, gold: str) -> bool:
+    return normalise(prediction) == normalise(gold)
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    p, g = normalise(prediction).split(), normalise(gold).split()
+    common = sum((Counter(p) & Counter(g)).values())
+    if not p or not g or not common:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)

@@ -1,0 +1,115 @@
+"""Evaluation results → markdown tables, a plot, and a verdict against the issue's targets."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+SHORT_MODES = ("none", "in_context", "rag", "adapter", "hybrid", "wrong_adapter")
+NEEDLE_MODES = ("none", "in_context", "rag", "adapter", "hybrid")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def _get(summary: dict[str, Any], mode: str, table: str, key: str, metric: str = "contains") -> float | None:
+    cell = summary.get(mode, {}).get(table, {}).get(key)
+    return None if cell is None else cell[metric]
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or b is None or not b else f"{a / b:.2f}"
+
+
+def markdown(result: dict[str, Any], command: str) -> str:
+    s = result["summary"]
+    lines = [
+        "## Hypernetwork evaluation (held-out documents)",
+        "",
+        f"Command: `{command}`  ",
+        f"Hypernetwork `{result['hypernet']}` (trained: {result['hypernet_trained']}), base model `{result['base_model']}`; "
+        f"{result['n_docs']} documents, {result['n_questions']} questions, {result['total_seconds'] / 60:.1f} min. "
+        "Greedy answers scored by normalised contains-match (exact match and token F1 in the JSON).",
+        "",
+        "| mode | short docs | facts: closed-set values | facts: unseen values | conversations | tool docs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode in SHORT_MODES:
+        if mode not in s:
+            continue
+        lines.append(
+            f"| {mode} | {_pct(_get(s, mode, 'short_docs', 'all'))} | {_pct(_get(s, mode, 'facts_by_value', 'closed-set values'))} "
+            f"| {_pct(_get(s, mode, 'facts_by_value', 'unseen values'))} | {_pct(_get(s, mode, 'by_domain', 'conversation'))} "
+            f"| {_pct(_get(s, mode, 'by_domain', 'tool'))} |"
+        )
+    lengths = sorted({k for m in NEEDLE_MODES for k in s.get(m, {}).get("needle_by_length", {})}, key=int)
+    if lengths:
+        lines += ["", "Needle in a haystack (essays; contains-match by document length in tokens, all depths):", "",
+                  "| mode | " + " | ".join(lengths) + " |", "|---|" + "---|" * len(lengths)]
+        for mode in NEEDLE_MODES:
+            if mode in s:
+                lines.append(f"| {mode} | " + " | ".join(_pct(_get(s, mode, "needle_by_length", n)) for n in lengths) + " |")
+    if "distill" in s:
+        sub = {m: _get(s, m, "distill_subset", "subset") for m in ("none", "in_context", "adapter", "distill")}
+        lines += ["", f"Context-distillation subset ({s['distill']['distill_subset'].get('subset', {}).get('n', 0)} questions): "
+                  + ", ".join(f"{m} {_pct(v)}" for m, v in sub.items())]
+    lines += ["", *verdict(s)]
+    return "\n".join(lines)
+
+
+def verdict(s: dict[str, Any]) -> list[str]:
+    adapter, icl = _get(s, "adapter", "short_docs", "all"), _get(s, "in_context", "short_docs", "all")
+    unseen_a, unseen_i = _get(s, "adapter", "facts_by_value", "unseen values"), _get(s, "in_context", "facts_by_value", "unseen values")
+    none, wrong = _get(s, "none", "short_docs", "all"), _get(s, "wrong_adapter", "short_docs", "all")
+    checks = [
+        ("adapter ≥ 75% of in-context (short docs)", _ratio(adapter, icl), adapter is not None and icl and adapter / icl >= 0.75),
+        ("adapter ≥ 60% of in-context on unseen fact values", _ratio(unseen_a, unseen_i),
+         unseen_a is not None and unseen_i and unseen_a / unseen_i >= 0.60),
+        ("adapter beats no context by ≥ 40 points", f"{100 * ((adapter or 0) - (none or 0)):+.1f} pts",
+         adapter is not None and none is not None and adapter - none >= 0.40),
+        ("adapter beats the wrong-document control by ≥ 40 points", f"{100 * ((adapter or 0) - (wrong or 0)):+.1f} pts",
+         adapter is not None and wrong is not None and adapter - wrong >= 0.40),
+    ]
+    out = ["| target | measured | verdict |", "|---|---|---|"]
+    out += [f"| {name} | {value} | {'met' if ok else 'MISSED'} |" for name, value, ok in checks]
+    return out
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = result["summary"]
+    groups = [("short docs", "short_docs", "all"), ("facts closed", "facts_by_value", "closed-set values"),
+              ("facts unseen", "facts_by_value", "unseen values"), ("conversation", "by_domain", "conversation"),
+              ("tool", "by_domain", "tool")]
+    modes = [m for m in SHORT_MODES if m in s]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / max(1, len(modes))
+    for j, mode in enumerate(modes):
+        values = [100 * (_get(s, mode, t, k) or 0) for _, t, k in groups]
+        left.bar([i + j * width for i in range(len(groups))], values, width, label=mode)
+    left.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], [g[0] for g in groups])
+    left.set_ylabel("contains-match accuracy (%)")
+    left.set_title("Held-out documents")
+    left.legend(fontsize=8)
+    for mode in NEEDLE_MODES:
+        table = s.get(mode, {}).get("needle_by_length", {})
+        if table:
+            xs = sorted(table, key=int)
+            right.plot([int(x) for x in xs], [100 * table[x]["contains"] for x in xs], marker="o", label=mode)
+    right.axvline(8192, color="grey", linestyle="--", linewidth=1)
+    right.text(8192, 2, " 8K window", color="grey")
+    right.set_xscale("log", base=2)
+    right.set_xlabel("needle document length (tokens)")
+    right.set_title("Needle in a haystack")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from d2l_memory import MemoryEngine
+from d2l_memory.evaluation.distill import DistillConfig, context_distill, document_probes
+from d2l_memory.evaluation.harness import EvalConfig, run_eval
+from d2l_memory.evaluation.metrics import contains_match, exact_match, normalise, token_f1
+from d2l_memory.evaluation.report import markdown, plot
+from d2l_memory.lora import lora_scope
+from d2l_memory.reporting import replace_section
+
+
+def test_metrics() -> None:
+    assert normalise("The  City of Brakmoor!") == "city of brakmoor"
+    assert contains_match("Orvane lives in Brakmoor.", "Brakmoor")
+    assert not contains_match("Brakmoorton", "Brakmoor")  # whole words only
+    assert not contains_match("anything", "")
+    assert exact_match("the teal.", "Teal") and not exact_match("teal blue", "teal")
+    assert token_f1("teal blue", "teal") == pytest.approx(2 / 3)
+    assert token_f1("", "teal") == 0.0
+
+
+def test_probes_never_use_questions() -> None:
+    probes = document_probes("Alice lives in Paris and bakes. Bob plays the cello on Sundays.", 10)
+    assert [p[1] for p in probes] == [" Paris and bakes.", " cello on Sundays."]
+
+
+def test_context_distillation_trains_a_lora_that_changes_outputs(engine: MemoryEngine) -> None:
+    doc = "Alice lives in Paris and works as a baker since 1999. Bob likes teal and plays the cello."
+    memory = context_distill(engine, doc, DistillConfig(steps=5, rank=2, probes_per_step=2))
+    assert memory.rank == 2 and all(b.abs().sum() > 0 for _, b in memory.weights.values())
+    import torch
+
+    ids = torch.tensor([engine.tokenizer.encode("Where does Alice live?")])
+    with torch.no_grad():
+        plain = engine.model(ids).logits
+        with lora_scope(engine.model, memory):
+            assert not torch.allclose(engine.model(ids).logits, plain)
+
+
+def test_harness_runs_every_mode_and_reports(engine: MemoryEngine, tmp_path: Path) -> None:
+    cfg = EvalConfig(docs={"facts": 2, "conversation": 1, "tool": 1}, questions_per_doc=2, needle_tokens=(64, 900),
+                     needle_depths=(0.5,), distill_docs=1, distill=DistillConfig(steps=2, rank=2),
+                     max_new_tokens=3, batch_size=4)
+    result = run_eval(engine, cfg, progress=False)
+    summary = result["summary"]
+    assert set(summary) == set(cfg.modes)
+    assert summary["adapter"]["short_docs"]["all"]["n"] == 2 * 2 + 2 + 2
+    # The 900-token needle does not fit the tiny model's 512-token window: in-context skips it.
+    assert set(summary["in_context"]["needle_by_length"]) == {str(r["tokens"]) for r in result["rows"] if r["tokens"] < 400 and r["domain"] == "needle"}
+    assert summary["distill"]["short_docs"]["all"]["n"] == 2
+    text = markdown(result, "d2l-memory eval --quick")
+    assert "| adapter |" in text and ("MISSED" in text or "met" in text)
+    assert plot(result, tmp_path / "eval.png").stat().st_size > 1000
+    bench = tmp_path / "BENCHMARKS.md"
+    replace_section(bench, "eval", "first")
+    replace_section(bench, "other", "keep me")
+    replace_section(bench, "eval", "second")
+    content = bench.read_text()
+    assert "second" in content and "first" not in content and "keep me" in content

@@ -63,6 +63,22 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[AdapterStore]:
+    """An empty store on SQLite and local blobs, for behaviour that does not depend on the backend."""
+    s = AdapterStore.open(f"sqlite:///{tmp_path}/index.db", tmp_path / "blobs")
+    yield s
+    s.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def index_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh index shared by several processes: an SQLite file, or a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/index.db"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
 def store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[AdapterStore]:
     """An empty store on each backend."""
     sqlite_url = f"sqlite:///{tmp_path}/index.db"

@@ -67,7 +67,7 @@ class AdapterRow(Base):
     __tablename__ = "adapters"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    """32 hex digits, time-ordered (see `ids.new_record_id`), so ordering by id is ordering by age."""
+    """32 hex digits, time-ordered (see `records.new_record_id`), so ordering by id is ordering by age."""
     tenant: Mapped[str] = mapped_column(String(128))
     user_id: Mapped[str] = mapped_column(String(128))
     agent_id: Mapped[str] = mapped_column(String(128))

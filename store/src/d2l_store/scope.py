@@ -3,12 +3,18 @@
 All identifiers that come from callers are checked here, once, against allow-lists: the store never
 builds a filesystem path from them (blobs are named by content hash), but a strict alphabet also
 keeps logs, SQL parameters and safetensors headers free of control characters and surprises.
+
+Scope fields and tags may use letters and digits of any script (`\\w`), so user and tenant names
+need not be ASCII, but must be NFC-normalised: otherwise "é" typed two ways, or the Kelvin sign
+and "K", would name two different tenants that print the same. No whitespace, control, format
+(zero-width, bidi) or other invisible characters are accepted anywhere.
 """
 
 from __future__ import annotations
 
 import enum
 import re
+import unicodedata
 from dataclasses import dataclass, fields
 
 from d2l_store.errors import InvalidIdentifierError
@@ -19,8 +25,8 @@ MAX_TAGS = 64
 MAX_FINGERPRINT = 256
 MAX_MODULE_PATH = 256
 
-_SCOPE_RE = re.compile(r"[A-Za-z0-9._:@+=-]*")
-_TAG_RE = re.compile(r"[A-Za-z0-9._:@+=/-]+")
+_SCOPE_RE = re.compile(r"[\w.:@+=-]*")  # \w: letters, digits and _ of any script
+_TAG_RE = re.compile(r"[\w.:@+=/-]+")
 _ID_RE = re.compile(r"[0-9a-f]{32}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _SOURCE_HASH_RE = re.compile(r"[A-Za-z0-9:_=+-]{1,128}")
@@ -66,6 +72,8 @@ def _check(kind: str, value: object, pattern: re.Pattern[str], max_len: int) -> 
         raise InvalidIdentifierError(f"{kind} is {len(value)} characters long; the limit is {max_len}")
     if not pattern.fullmatch(value):
         raise InvalidIdentifierError(f"{kind} {value[:80]!r} has characters outside {pattern.pattern}")
+    if not value.isascii() and not unicodedata.is_normalized("NFC", value):
+        raise InvalidIdentifierError(f"{kind} {value[:80]!r} is not NFC-normalised; pass unicodedata.normalize('NFC', ...)")
     return value
 
 

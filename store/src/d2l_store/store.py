@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import torch
 from sqlalchemy import Engine, delete, exists, select
@@ -182,7 +182,7 @@ class AdapterStore:
                     )
                 ).one_or_none()
                 if old is None:
-                    raise RecordNotFound(f"cannot supersede {supersedes}: no such record in tenant {spec.scope.tenant!r}")
+                    _raise_missing_predecessor(s, supersedes, spec.scope.tenant)
                 version, created_at = old.version + 1, old.created_at
                 gone = s.execute(delete(AdapterRow).where(AdapterRow.id == old.id, AdapterRow.version == old.version))
                 if gone.rowcount != 1:  # type: ignore[attr-defined]
@@ -486,6 +486,15 @@ def _check_scope(scope: object) -> Scope:
     if not isinstance(scope, Scope):
         raise InvalidIdentifierError(f"scope must be a Scope, got {type(scope).__name__}")
     return scope
+
+
+def _raise_missing_predecessor(s: Session, id: str, tenant: str) -> NoReturn:
+    """ConflictError if another writer already replaced `id` (a newer version names it), so callers
+    can re-read and retry; RecordNotFound if it never existed here, was deleted or expired."""
+    newer = s.scalar(select(AdapterRow.id).where(AdapterRow.supersedes == id, AdapterRow.tenant == tenant).limit(1))
+    if newer is not None:
+        raise ConflictError(f"record {id} was already superseded by {newer}; re-read it and retry")
+    raise RecordNotFound(f"cannot supersede {id}: no such record in tenant {tenant!r}")
 
 
 def _blob_header(base_model: str, hypernet: str, rank_per_chunk: int, chunk_spans: Sequence[Sequence[int]]) -> dict[str, str]:

@@ -114,10 +114,11 @@ def tamper(store: AdapterStore, digest: str, change: Any) -> None:
 # ---- subprocess targets (spawned, so they import this module afresh) ------------------------------
 
 
-def worker_writer(index_url: str, blob_root: str, tenant: str, n: int, out: Any) -> None:
-    """Put `n` adapters (seed i) into its own tenant, appending a chunk to every third one and
-    deleting every fifth; report the ids it expects to survive, with their seeds and chunk counts."""
+def worker_writer(index_url: str, blob_root: str, tenant: str, n: int, go: Any, out: Any) -> None:
+    """Once `go` is set, put `n` adapters (seed i) into its own tenant, appending a chunk to every third
+    one and deleting every fifth; report the ids it expects to survive, with seeds and chunk counts."""
     store = AdapterStore.open(index_url, blob_root)
+    go.wait()
     alive: dict[str, tuple[list[int], int]] = {}
     for i in range(n):
         rec = put_simple(store, Scope(tenant=tenant, user=f"u{i % 2}"), n_chunks=1, seed=i, metadata={"seeds": [i]})
@@ -145,12 +146,13 @@ def expected_tensors(seeds: Sequence[int]) -> dict[str, torch.Tensor]:
     return out
 
 
-def worker_reader(index_url: str, blob_root: str, tenants: Sequence[str], stop_file: str, out: Any) -> None:
-    """Until `stop_file` exists: list every tenant and load every visible record, checking its tensors
+def worker_reader(index_url: str, blob_root: str, tenants: Sequence[str], go: Any, stop_file: str, out: Any) -> None:
+    """Once `go` is set and until `stop_file` exists: list every tenant and load every visible record, checking its tensors
     against its seeds, and collect garbage now and then. Reports (records read, problems)."""
     from d2l_store import RecordNotFound
 
     store = AdapterStore.open(index_url, blob_root, gc_grace_s=5.0)
+    go.wait()
     reads, problems, rounds = 0, [], 0
     while not os.path.exists(stop_file) or rounds < 2:
         rounds += 1

@@ -49,7 +49,9 @@ class BlobStore(Protocol):
     url: str
 
     def write(self, digest: str, data: bytes | bytearray) -> None:
-        """Make the blob `digest` hold `data`, all or nothing; a no-op when an intact copy exists."""
+        """Make the blob `digest` hold `data`, all or nothing; a no-op when an intact copy exists.
+        The caller has just hashed `data` to get `digest` (hashing is the slow part of a large put,
+        so it is done once); reads verify every blob anyway."""
 
     def read(self, digest: str) -> bytes:
         """The blob's bytes, verified against its name; BlobIntegrityError if missing or damaged."""
@@ -91,7 +93,6 @@ class LocalBlobStore:
                 return
             except (BlobIntegrityError, OSError):
                 log.warning("blob %s exists but is damaged; rewriting it", digest)
-        _verify(digest, data, "<memory>")  # never store bytes under a name they do not hash to
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.root / "tmp" / f"{digest}.{uuid.uuid4().hex}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -179,7 +180,6 @@ class FsspecBlobStore:
             pass
         except BlobIntegrityError:
             log.warning("blob %s exists but is damaged; rewriting it", digest)
-        _verify(digest, data, "<memory>")
         self.fs.pipe_file(path, bytes(data))
         _verify(digest, self._read_raw(path), path)
 

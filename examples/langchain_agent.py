@@ -107,7 +107,8 @@ def run(
         report.turns.append(turn)
         everything += [HumanMessage(text), AIMessage(turn.answer)]
         if show:
-            print(f"  {turn.prompt_tokens:4d} vs {turn.full_prompt_tokens:4d} tokens  {time.perf_counter() - start:5.1f} s"
+            seconds = time.perf_counter() - start
+            print(f"  {turn.prompt_tokens:4d} vs {turn.full_prompt_tokens:4d} tokens  {seconds:5.1f} s"
                   f"  | {_short(text, 40):<40} -> {_short(turn.answer, 60)}")
     report.compacted_messages = len(provider.transcript(scope))
 

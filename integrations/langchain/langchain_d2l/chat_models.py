@@ -188,7 +188,8 @@ class ChatD2L(BaseChatModel):
     def _prepare(self, messages: Sequence[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> _Request:
         unknown = set(kwargs) - CALL_KWARGS
         if unknown:
-            raise TypeError(f"ChatD2L got unexpected call arguments {sorted(unknown)}; it accepts {sorted(CALL_KWARGS)}")
+            raise TypeError(f"ChatD2L got unexpected call arguments {sorted(unknown)}; "
+                            f"it accepts {sorted(CALL_KWARGS)}")
         if kwargs.get("model") not in (None, self.model_name):
             raise ValueError(f"ChatD2L runs {self.model_name!r} and cannot switch to {kwargs['model']!r} per call; "
                              "construct another ChatD2L for that model")
@@ -204,8 +205,9 @@ class ChatD2L(BaseChatModel):
         memory_ids = kwargs.get("memory_ids", self.memory_ids)
         recall = None
         if scope is not None or memory_ids is not None:
-            recall = self.memory_provider().recall(question, scope if scope is not None else Scope(),
-                                                   memory_ids=memory_ids, snippets=kwargs.get("snippets", self.snippets))
+            recall = self.memory_provider().recall(
+                question, scope if scope is not None else Scope(), memory_ids=memory_ids,
+                snippets=kwargs.get("snippets", self.snippets))
             logger.debug("recall for %r: %s", question[:80], recall.describe())
         snippets = recall.snippets if recall is not None else ()
         context = "\n\n".join(s.text.strip() for s in snippets) or None

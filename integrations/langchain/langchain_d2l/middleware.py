@@ -84,6 +84,7 @@ class D2LCompactionMiddleware(AgentMiddleware):
         self.compact_block = compact_block
         """Compaction waits until this many messages are beyond ``keep_messages`` (one chunk of real content)."""
         self.apply_to_model = apply_to_model
+        self._warned_other_provider = False
 
     # ---- write: old turns -> adapter -------------------------------------------------------------
 
@@ -115,6 +116,10 @@ class D2LCompactionMiddleware(AgentMiddleware):
     def _with_scope(self, request: ModelRequest) -> ModelRequest:
         if not self.apply_to_model or not isinstance(request.model, ChatD2L):
             return request
+        if request.model.memory_provider() is not self.provider and not self._warned_other_provider:
+            self._warned_other_provider = True
+            logger.warning("the agent's ChatD2L reads memories from another provider than D2LCompactionMiddleware "
+                           "writes them to, so it will not see the compacted turns; pass provider= to both")
         return request.override(model_settings={**request.model_settings, "scope": self.scope})
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> ModelResponse:

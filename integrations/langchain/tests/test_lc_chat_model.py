@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from conftest import ALICE, BOB, DOC_PARIS, DOC_TEAL, chat_engine
 from d2l_memory import GenerationConfig, MemoryEngine, MemoryProvider
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
 
 import langchain_d2l._shared as shared
@@ -24,8 +26,8 @@ def test_messages_become_history_and_question() -> None:
     expected = engine.complete(QUESTION, history=history)
     result = ChatD2L(engine=engine).invoke(messages)
     assert result.content == expected.text
-    assert result.usage_metadata == {"input_tokens": expected.prompt_tokens, "output_tokens": expected.completion_tokens,
-                                     "total_tokens": expected.prompt_tokens + expected.completion_tokens}
+    n_in, n_out = expected.prompt_tokens, expected.completion_tokens
+    assert result.usage_metadata == {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}
     assert result.response_metadata["model_name"] == engine.base.name
     assert result.response_metadata["memory"] is None
 
@@ -114,6 +116,24 @@ def test_max_tokens_and_temperature_reach_the_decoder(monkeypatch: pytest.Monkey
     assert result.usage_metadata["output_tokens"] <= 5
     llm.invoke("hi", max_tokens=3, temperature=0.0)
     assert (seen[-1].max_new_tokens, seen[-1].temperature) == (3, 0.0)
+
+
+def test_streaming_flag_streams_invoke_through_callbacks() -> None:
+    tokens: list[str] = []
+
+    class Collect(BaseCallbackHandler):
+        def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+            tokens.append(token)
+
+    llm = ChatD2L(engine=chat_engine(), max_tokens=12)
+    streamed = ChatD2L(engine=chat_engine(), max_tokens=12, streaming=True).invoke(QUESTION, {"callbacks": [Collect()]})
+    assert streamed.content == llm.invoke(QUESTION).content == "".join(tokens)
+    assert streamed.usage_metadata is not None
+
+
+def test_tokens_are_counted_with_the_base_models_tokenizer() -> None:
+    llm = ChatD2L(engine=chat_engine())
+    assert llm.get_num_tokens("Alice lives in Paris.") == len(chat_engine().tokenizer.encode("Alice lives in Paris."))
 
 
 def test_bad_call_arguments_are_refused() -> None:

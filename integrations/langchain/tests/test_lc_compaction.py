@@ -14,7 +14,8 @@ from langgraph.checkpoint.memory import InMemorySaver
 
 from langchain_d2l import ChatD2L, D2LChatMessageHistory, D2LCompactionMiddleware, plan_compaction
 
-FACTS = [f"Fact {i}: the {w} code is {1000 + 7 * i}." for i, w in enumerate(["gate", "safe", "desk", "bike", "vault", "wifi"])]
+THINGS = ("gate", "safe", "desk", "bike", "vault", "wifi")
+FACTS = [f"Fact {i}: the {thing} code is {1000 + 7 * i}." for i, thing in enumerate(THINGS)]
 
 
 def _turns(n: int) -> list[HumanMessage | AIMessage]:
@@ -110,7 +111,9 @@ def _agent(provider: MemoryProvider, middleware: list[Any]) -> Any:
     return create_agent(ChatD2L(provider=provider, max_tokens=4), middleware=middleware, checkpointer=InMemorySaver())
 
 
-def test_agent_prompt_stays_short_without_llm_calls_on_write(provider: MemoryProvider, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_agent_prompt_stays_short_without_llm_calls_on_write(
+    provider: MemoryProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = chat_engine()
     decodes: list[int] = []
     original = engine.complete_batch

@@ -18,7 +18,8 @@ from d2l_store.errors import (
 from d2l_store.peft_format import VLLM_RANKS
 from d2l_store.records import AdapterRecord
 from d2l_store.scope import MemoryKind, Scope
-from d2l_store.store import AdapterStore, GcReport
+from d2l_store.collect import GcReport
+from d2l_store.store import AdapterStore
 
 __all__ = [
     "AdapterRecord",

@@ -14,8 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
@@ -26,6 +25,7 @@ from sqlalchemy.orm import Session, defer, selectinload, sessionmaker
 
 from d2l_store import blobformat, migrate, peft_format, queries
 from d2l_store.blobs import BlobStore, digest_of, open_blob_store
+from d2l_store.collect import GcReport, collect_garbage
 from d2l_store.db import WRITE_OPTION, create_index_engine
 from d2l_store.errors import (
     BlobIntegrityError,
@@ -36,7 +36,7 @@ from d2l_store.errors import (
     RecordNotFound,
     StoreError,
 )
-from d2l_store.models import AdapterRow, BlobRow, TagRow
+from d2l_store.models import AdapterRow, TagRow
 from d2l_store.records import AdapterRecord, new_record_id
 from d2l_store.scope import MemoryKind, Scope, check_fingerprint, check_record_id, check_source_hash, check_tags
 from d2l_store.spec import RecordSpec, build_spec, check_kind
@@ -57,7 +57,7 @@ R = TypeVar("R")
 def _in_thread(fn: Callable[Concatenate[AdapterStore, P], R]) -> Callable[Concatenate[AdapterStore, P], Awaitable[R]]:
     """Async twin of a blocking method: runs it in a worker thread so I/O never blocks the loop."""
 
-    async def run(self: AdapterStore, *args: P.args, **kwargs: P.kwargs) -> R:
+    async def run(self: AdapterStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return await asyncio.to_thread(fn, self, *args, **kwargs)
 
     run.__name__ = "a" + fn.__name__
@@ -67,13 +67,6 @@ def _in_thread(fn: Callable[Concatenate[AdapterStore, P], R]) -> Callable[Concat
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class GcReport:
-    blobs_deleted: int
-    bytes_freed: int
-    temp_files_removed: int
 
 
 class AdapterStore:
@@ -356,46 +349,8 @@ class AdapterStore:
 
     def gc_blobs(self, grace_s: float | None = None) -> GcReport:
         """Remove blobs no record references, sparing those leased (being written) within `grace_s`
-        seconds, and stale temp files of interrupted writes."""
-        grace = self.gc_grace_s if grace_s is None else grace_s
-        temp = self.blobs.clean_temp(grace)
-        self._adopt_stray_blobs()
-        cutoff = _now() - timedelta(seconds=grace)
-        unreferenced = ~exists().where(AdapterRow.blob_digest == BlobRow.digest)
-        with self._read() as s:
-            candidates = s.scalars(select(BlobRow.digest).where(BlobRow.leased_at <= cutoff, unreferenced)).all()
-        deleted = freed = 0
-        for digest in candidates:
-            size = self._collect(digest, cutoff)
-            if size is not None:
-                deleted, freed = deleted + 1, freed + size
-        if deleted or temp:
-            log.info("gc removed %d blobs (%d bytes) and %d temp files", deleted, freed, temp)
-        return GcReport(blobs_deleted=deleted, bytes_freed=freed, temp_files_removed=temp)
-
-    def _collect(self, digest: str, cutoff: datetime) -> int | None:
-        """Delete one blob while holding its row lock, so no put can lease or reference it meanwhile."""
-        with self._write() as s, s.begin():
-            row = s.scalars(
-                select(BlobRow).where(BlobRow.digest == digest, BlobRow.leased_at <= cutoff).with_for_update()
-            ).one_or_none()
-            if row is None or s.scalar(select(AdapterRow.id).where(AdapterRow.blob_digest == digest).limit(1)):
-                return None  # re-leased or referenced since the candidate scan
-            self.blobs.delete(digest)
-            s.delete(row)
-            return row.size
-
-    def _adopt_stray_blobs(self) -> None:
-        """Give blob files that have no row (left by writers killed mid-retry, or restored by hand)
-        a fresh lease, so the normal path collects them once the grace period has passed."""
-        with self._read() as s:
-            known = set(s.scalars(select(BlobRow.digest)).all())
-        strays = [d for d in self.blobs.digests() if d not in known]
-        for digest in strays:
-            with self._write() as s, s.begin():
-                queries.lease_blob(s, digest, self.blobs.size(digest), _now(), refresh=False)
-        if strays:
-            log.info("adopted %d blob files without index rows", len(strays))
+        seconds (default: the store's `gc_grace_s`), and stale temp files of interrupted writes."""
+        return collect_garbage(self._read, self._write, self.blobs, self.gc_grace_s if grace_s is None else grace_s)
 
     # ---- PEFT ----------------------------------------------------------------------------------
 

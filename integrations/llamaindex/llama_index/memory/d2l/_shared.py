@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -115,7 +115,7 @@ def as_scope(value: Scope | Mapping[str, str] | str) -> Scope:
 _END = object()
 
 
-async def iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+async def iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncGenerator[T, None]:
     """Run a blocking iterator in one worker thread and yield its items without blocking the event loop.
 
     One thread for the whole iteration matters: the engine holds its lock for the length of a stream,

@@ -55,15 +55,20 @@ class D2LLLM(CustomLLM):
     (``D2LLLM(provider=provider, scope=...)``, ``D2LLLM(engine=engine)``).
     """
 
-    base_model: str = Field(default=DEFAULT_BASE_MODEL, description="Built-in name, folder or hub id of the base model (when no engine/provider is given).")
+    base_model: str = Field(
+        default=DEFAULT_BASE_MODEL, description="Built-in name, folder or hub id of the base model.")
     hypernet: str | None = Field(default=None, description="Hypernetwork checkpoint folder (None: the shipped one).")
-    index_url: str | None = Field(default=None, description="SQLAlchemy URL of the memory index (None: $D2L_MEMORY_STORE or the default SQLite).")
-    blob_root: str | None = Field(default=None, description="Adapter blob folder or fsspec URL (None: $D2L_MEMORY_BLOBS or the default folder).")
-    scope: Scope | None = Field(default=None, description="Memories visible in this scope are recalled for every call (None: no memories).")
-    memory_ids: tuple[str, ...] | None = Field(default=None, description="Apply exactly these memories on every call instead of recalling (needs a scope they are visible from).")
-    max_new_tokens: int = Field(default=256, gt=0, description="Largest number of tokens generated per call (reported as num_output).")
+    index_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the memory index (None: $D2L_MEMORY_STORE or the default SQLite).")
+    blob_root: str | None = Field(
+        default=None, description="Adapter blob folder or fsspec URL (None: $D2L_MEMORY_BLOBS or the default folder).")
+    scope: Scope | None = Field(
+        default=None, description="Memories visible in this scope are recalled for every call (None: no memories).")
+    memory_ids: tuple[str, ...] | None = Field(
+        default=None, description="Apply exactly these memories on every call instead of recalling (needs their scope).")
+    max_new_tokens: int = Field(default=256, gt=0, description="Most tokens generated per call (reported as num_output).")
     temperature: float = Field(default=0.0, ge=0.0, description="0 decodes greedily.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (only used when temperature > 0).")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (used when temperature > 0).")
     stop: tuple[str, ...] = Field(default=(), description="Strings that end an answer early (not included in it).")
 
     _ref: ProviderRef = PrivateAttr()

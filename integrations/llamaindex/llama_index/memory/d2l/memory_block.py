@@ -26,7 +26,8 @@ import asyncio
 import logging
 from typing import Any
 
-from d2l_memory import MemoryKind, MemoryProvider, Recall, Scope
+from d2l_memory import MemoryProvider, Recall, Scope
+from d2l_memory.base_model import DEFAULT_BASE_MODEL
 from d2l_memory.provider import HISTORY_KINDS
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
@@ -44,18 +45,28 @@ class D2LMemoryBlock(BaseMemoryBlock[str]):
     """Internalizes flushed chat messages into the scope's conversation memory; reports what is active."""
 
     name: str = Field(default="d2l_memory", description="Name of the block inside Memory.")
-    scope: Scope = Field(description="Scope the conversation memory belongs to (include the session to keep sessions apart).")
+    scope: Scope = Field(description="Scope of the conversation memory (give it a session to keep sessions apart).")
     note_template: str | None = Field(
         default=DEFAULT_NOTE,
-        description="One-line note put in the prompt when memories are active; {memories} lists them. None or '' adds nothing.",
+        description="One-line note for the prompt when memories are active ({memories} lists them); None or '': none.",
     )
 
     _ref: ProviderRef = PrivateAttr()
 
-    def __init__(self, *, provider: MemoryProvider | None = None, scope: Scope | dict[str, str] | str, **kwargs: Any) -> None:
-        names = {k: kwargs.pop(k) for k in ("base_model", "hypernet", "index_url", "blob_root") if k in kwargs}
-        super().__init__(scope=as_scope(scope), **kwargs)
-        self._ref = ProviderRef(provider, None, **names)
+    def __init__(
+        self,
+        *,
+        scope: Scope | dict[str, str] | str,
+        provider: MemoryProvider | None = None,
+        base_model: str = DEFAULT_BASE_MODEL,
+        hypernet: str | None = None,
+        index_url: str | None = None,
+        blob_root: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """``provider``, or the names of a model and store to take from the shared cache on first use."""
+        super().__init__(scope=scope, **kwargs)  # type: ignore[call-arg]  # scope is this class's field
+        self._ref = ProviderRef(provider, None, base_model, hypernet, index_url, blob_root)
 
     @field_validator("scope", mode="before")
     @classmethod
@@ -97,17 +108,15 @@ class D2LMemoryBlock(BaseMemoryBlock[str]):
 
     def describe(self, recall: Recall) -> str:
         """Short human-readable list of the recalled memories, e.g. ``earlier conversation (3 chunks); notes.md``."""
-        records = {r.id: r for r in self.provider.visible_memories(self.scope)}
         parts = []
         for sel in recall.selections:
-            record = records.get(sel.record_id)
-            if record is not None and record.kind in HISTORY_KINDS:
+            record = self.provider.store.get_record(sel.record_id)
+            if record.kind in HISTORY_KINDS:
                 parts.append(f"earlier conversation ({len(sel.chunks)} chunks)")
-            elif record is not None and record.metadata.get("name"):
+            elif record.metadata.get("name"):
                 parts.append(str(record.metadata["name"]))
             else:
-                kind = record.kind.value.replace("_", " ") if record is not None else MemoryKind.DOCUMENT.value
-                parts.append(f"a {kind}")
+                parts.append("a " + record.kind.value.replace("_", " "))
         return "; ".join(parts)
 
 

@@ -90,7 +90,9 @@ class D2LQueryEngine(BaseQueryEngine):
     # ---- building, the way an index is built ---------------------------------------------------
 
     @classmethod
-    def from_documents(cls, documents: Iterable[BaseNode], scope: Scope | dict[str, str] | str, **kwargs: Any) -> D2LQueryEngine:
+    def from_documents(
+        cls, documents: Iterable[BaseNode], scope: Scope | dict[str, str] | str, **kwargs: Any
+    ) -> D2LQueryEngine:
         """Internalize each document into one stored memory of ``scope`` (unchanged ones cost nothing)."""
         engine = cls(scope, **kwargs)
         engine.insert_documents(documents)
@@ -131,7 +133,8 @@ class D2LQueryEngine(BaseQueryEngine):
         if len(kept) < len(metadata):
             logger.debug("metadata keys %s are not JSON scalars and are not stored", sorted(set(metadata) - set(kept)))
         name = metadata.get(self.name_key) if self.name_key else None
-        return self.provider.add_document(text, self.scope, name=None if name is None else str(name), kind=self.kind, metadata=kept)
+        return self.provider.add_document(text, self.scope, name=None if name is None else str(name), kind=self.kind,
+                                          metadata=kept)
 
     # ---- querying --------------------------------------------------------------------------------
 
@@ -181,11 +184,10 @@ class D2LQueryEngine(BaseQueryEngine):
     def _source_nodes(self, recall: Recall) -> list[NodeWithScore]:
         if not recall.selections:
             return []
-        records = {r.id: r for r in self.provider.visible_memories(self.scope)}
         in_prompt = {(s.record_id, s.chunk) for s in recall.snippets}
         pool = []
         for sel in recall.selections:
-            record = records[sel.record_id]
+            record = self.provider.store.get_record(sel.record_id)  # with its source text
             texts = self.provider.chunk_texts(record)
             pool += [(record, j, texts[j], sel.reason) for j in sel.chunks]
         scores = bm25_scores(recall.query, [p[2] for p in pool])

@@ -20,6 +20,7 @@ def test_metadata_is_read_from_the_model(engine: MemoryEngine) -> None:
     assert meta.context_window == engine.model.config.max_position_embeddings == 512
     assert meta.num_output == 7 and meta.model_name == engine.base.name == "tiny-0"
     assert meta.is_chat_model and not meta.is_function_calling_model
+    assert D2LLLM(engine=engine).to_dict()["base_model"] == "tiny-0"
 
 
 def test_without_a_scope_it_is_the_plain_base_model(engine: MemoryEngine, monkeypatch: pytest.MonkeyPatch) -> None:

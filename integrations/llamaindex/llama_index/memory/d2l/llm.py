@@ -81,6 +81,9 @@ class D2LLLM(CustomLLM):
         scope: Scope | dict[str, str] | str | None = None,
         **kwargs: Any,
     ) -> None:
+        given = provider.engine if provider is not None else engine
+        if given is not None:
+            kwargs.setdefault("base_model", given.base.name)  # so the serialised fields name the model in use
         super().__init__(scope=None if scope is None else as_scope(scope), **kwargs)
         self._ref = ProviderRef(provider, engine, self.base_model, self.hypernet, self.index_url, self.blob_root)
 

@@ -29,6 +29,7 @@ from d2l_memory import MemoryEngine, MemoryProvider, Scope
 from d2l_memory.storage import open_store
 from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.memory import InMemorySaver
 
 from langchain_d2l import ChatD2L, D2LCompactionMiddleware
@@ -50,6 +51,7 @@ QUESTIONS = (
     ("Which company do I work for?", "quillfen"),
     ("Which instrument do I play?", "cello"),
 )
+QUESTION_TEXTS = tuple(question for question, _ in QUESTIONS)
 
 
 @dataclass
@@ -84,7 +86,7 @@ def run(
     provider: MemoryProvider,
     *,
     facts: tuple[str, ...] = FACTS,
-    questions: tuple[str, ...] = tuple(q for q, _ in QUESTIONS),
+    questions: tuple[str, ...] = QUESTION_TEXTS,
     keep: int = 4,
     show: bool = True,
 ) -> Report:
@@ -93,7 +95,7 @@ def run(
     scope = Scope(tenant="demo", user="orvane", session=uuid.uuid4().hex[:12])
     middleware = D2LCompactionMiddleware(provider, scope, keep_messages=keep, compact_block=2)
     agent = create_agent(llm, system_prompt=SYSTEM_PROMPT, middleware=[middleware], checkpointer=InMemorySaver())
-    config = {"configurable": {"thread_id": scope.session}}
+    config: RunnableConfig = {"configurable": {"thread_id": scope.session}}
     everything: list[BaseMessage] = [SystemMessage(SYSTEM_PROMPT)]  # what a no-compaction agent would send
     report = Report(hypernet_trained=engine.hypernet_trained)
 
@@ -103,6 +105,7 @@ def run(
         start = time.perf_counter()
         state = agent.invoke({"messages": [HumanMessage(text)]}, config)
         reply: AIMessage = state["messages"][-1]
+        assert reply.usage_metadata is not None  # ChatD2L always reports usage
         turn = Turn(text, str(reply.content), reply.usage_metadata["input_tokens"], full_prompt)
         report.turns.append(turn)
         everything += [HumanMessage(text), AIMessage(turn.answer)]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from d2l_memory import GenerationConfig, MemoryAdapter, MemoryEngine, MemoryProvider, Recall, Scope
 from d2l_memory.base_model import DEFAULT_BASE_MODEL
@@ -251,8 +251,9 @@ class ChatD2L(BaseChatModel):
         request = self._prepare(messages, stop, kwargs)
         engine = request.engine
         prompt_tokens = engine.count_prompt_tokens(request.question, context=request.context, history=request.history)
-        pieces = engine.stream(request.question, memory=_adapter(request), context=request.context,
-                               history=request.history, generation=request.generation)
+        pieces = cast(Generator[str, None, None], engine.stream(
+            request.question, memory=_adapter(request), context=request.context,
+            history=request.history, generation=request.generation))
         raw: list[str] = []
         try:
             for text in trimmed(pieces, raw):
@@ -298,7 +299,7 @@ class ChatD2L(BaseChatModel):
 
         def produce() -> None:
             try:
-                chunks = self._stream(messages, stop, None, **kwargs)
+                chunks = cast(Generator[ChatGenerationChunk, None, None], self._stream(messages, stop, None, **kwargs))
                 try:
                     for chunk in chunks:
                         loop.call_soon_threadsafe(queue.put_nowait, chunk)
@@ -319,7 +320,7 @@ class ChatD2L(BaseChatModel):
                 if run_manager is not None and item.text:
                     await run_manager.on_llm_new_token(item.text, chunk=item)
                 yield item
-                if item.message.chunk_position == "last":
+                if isinstance(item.message, AIMessageChunk) and item.message.chunk_position == "last":
                     break
         finally:
             cancelled.set()

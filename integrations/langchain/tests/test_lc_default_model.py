@@ -6,10 +6,13 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from d2l_memory import MemoryEngine, MemoryProvider
 from d2l_memory.base_model import DEFAULT_BASE_MODEL
+from langchain_core.language_models import BaseChatModel
+from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from langchain_d2l import ChatD2L, shared_engine
 
@@ -45,11 +48,39 @@ def test_default_model_answers_streams_and_counts(engine: MemoryEngine) -> None:
 def test_example_agent_keeps_the_prompt_short(engine: MemoryEngine, tmp_path: Path) -> None:
     example = _example()
     provider = MemoryProvider(engine, example.open_store(f"sqlite:///{tmp_path / 'index.db'}", str(tmp_path / "blobs")))
-    llm = ChatD2L(provider=provider, max_tokens=8)
-    report = example.run(llm, provider, facts=example.FACTS[:4], questions=("Where do I live?",), keep=2, show=False)
-    assert report.compacted_messages >= 4
+    llm = ChatD2L(provider=provider, max_tokens=6)
+    report = example.run(llm, provider, facts=example.FACTS[:3], questions=("Where do I live?",), keep=2, show=False)
+    assert report.compacted_messages >= 3
     last = report.turns[-1]
     assert last.prompt_tokens < last.full_prompt_tokens
     assert report.prompt_tokens < report.full_prompt_tokens
     assert len(report.reference) == 1
     assert report.hypernet_trained == engine.hypernet_trained
+
+
+class TestChatD2LDefaultModel(ChatModelIntegrationTests):
+    """LangChain's integration suite again, on the real default model (constructed by name)."""
+
+    @property
+    def chat_model_class(self) -> type[BaseChatModel]:
+        return ChatD2L
+
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        return {"model": DEFAULT_BASE_MODEL, "max_tokens": 4}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return False
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False
+
+    @property
+    def supports_model_override(self) -> bool:
+        return False
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return True

@@ -202,6 +202,8 @@ class ChatD2L(BaseChatModel):
             stop=tuple(stop if stop is not None else self.stop or ()),
         )
         scope = kwargs.get("scope", self.scope)
+        if isinstance(scope, dict):  # e.g. from a serialised config or agent model_settings
+            scope = Scope(**scope)
         memory_ids = kwargs.get("memory_ids", self.memory_ids)
         recall = None
         if scope is not None or memory_ids is not None:

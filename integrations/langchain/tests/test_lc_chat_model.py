@@ -50,6 +50,7 @@ def test_scope_memories_are_applied(provider: MemoryProvider) -> None:
     result = ChatD2L(provider=provider, scope=ALICE).invoke(QUESTION)
     assert result.content == expected.text
     assert [m["id"] for m in result.response_metadata["memory"]["memories"]] == [doc.id]
+    assert ChatD2L(provider=provider).invoke(QUESTION, scope=ALICE.as_dict()).content == expected.text
     # Another user's scope sees none of Alice's memories: the base model answers.
     other = ChatD2L(provider=provider, scope=BOB).invoke(QUESTION)
     assert other.content == bare.text and other.response_metadata["memory"]["memories"] == []

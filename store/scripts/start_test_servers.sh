@@ -71,6 +71,9 @@ psql_admin() { as_pg "$PGBIN/psql" -h "$PGSOCK" -p "$PG_PORT" -U postgres -d pos
 if [ "$(psql_admin -c "SELECT 1 FROM pg_roles WHERE rolname = '$PG_USER'")" != 1 ]; then
     psql_admin -c "CREATE ROLE $PG_USER LOGIN CREATEDB PASSWORD '$PG_PASSWORD'"
 fi
+# The tests drop their databases WITH (FORCE), which must also end an autovacuum worker that may
+# be visiting the database; without pg_signal_backend a non-superuser's drop fails then.
+psql_admin -c "GRANT pg_signal_backend TO $PG_USER" >/dev/null
 if [ "$(psql_admin -c "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'")" != 1 ]; then
     psql_admin -c "CREATE DATABASE $PG_DB OWNER $PG_USER"
 fi

@@ -4,12 +4,14 @@ memory:// blobs) always run; `postgres` needs D2L_TEST_POSTGRES_URL and `s3` D2L
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import make_url
 from store_testing import POSTGRES_ENV, S3_BUCKET, S3_ENV, ensure_bucket, require_env, s3_options
 
@@ -31,10 +33,23 @@ def pg_url(pg_admin_url: str) -> Iterator[str]:
         with admin.connect() as c:
             c.execute(text(f'CREATE DATABASE "{name}"'))
         yield make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        _drop_database(admin, name)
     finally:
         admin.dispose()
+
+
+def _drop_database(admin: Engine, name: str) -> None:
+    """DROP ... WITH (FORCE), retried: an autovacuum worker visiting the fresh database can make it
+    fail for a role without pg_signal_backend (start_test_servers.sh grants it), and leaves soon."""
+    for attempt in range(5):
+        try:
+            with admin.connect() as c:
+                c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            return
+        except DBAPIError:
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 @pytest.fixture(scope="session")

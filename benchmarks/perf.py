@@ -1,0 +1,279 @@
+"""Write and read costs of D2L memory against in-context prompting and context distillation.
+
+    d2l-memory bench [--lengths 512 1024 ...] [--quick] [--benchmarks]
+
+Everything is measured in one run on one machine and reported as ratios:
+- write: internalizing a document vs one in-context prefill of it vs context distillation;
+- read: time to first token and decode speed with the adapter vs with the document in the prompt;
+- memory: adapter bytes vs KV-cache bytes (computed from the config, checked against the cache
+  tensors of a real prefill);
+- serving: a batch of B requests each with its own adapter vs the base model, and adapter swap time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from d2l_memory import MemoryEngine
+from d2l_memory.evaluation.distill import DistillConfig, context_distill
+from d2l_memory.generation import context_window, left_pad, prompt_ids
+from d2l_memory.lora import lora_scope, stack_per_row
+from d2l_memory.training.synth import haystack_corpus
+
+logger = logging.getLogger("benchmarks.perf")
+QUESTION = "What is the special magic number mentioned in the text?"
+DECODE_TOKENS = 32
+
+
+def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[Any, float]:
+    """Result of the last call and the median wall time over ``repeat`` calls."""
+    times, result = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, statistics.median(times)
+
+
+def document(engine: MemoryEngine, n_tokens: int) -> str:
+    ids = engine.tokenizer.encode(haystack_corpus()[: n_tokens * 8], add_special_tokens=False)[:n_tokens]
+    return engine.tokenizer.decode(ids)
+
+
+def kv_bytes_per_token(engine: MemoryEngine, bytes_per_value: int = 2) -> int:
+    cfg = engine.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * bytes_per_value
+
+
+def measured_cache_bytes(cache: Any) -> int:
+    """Bytes held by the key/value tensors of a transformers cache object."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@torch.inference_mode()
+def prefill(engine: MemoryEngine, prompt: list[int], adapter: Any = None) -> Any:
+    ids = torch.tensor([prompt])
+    with lora_scope(engine.model, adapter):
+        return engine.model(input_ids=ids, use_cache=True).past_key_values
+
+
+@torch.inference_mode()
+def decode(engine: MemoryEngine, prompts: list[list[int]], adapters: Any, n_new: int) -> None:
+    ids, mask = left_pad(prompts, engine.tokenizer.pad_token_id)
+    with lora_scope(engine.model, adapters):
+        engine.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
+                              do_sample=False, pad_token_id=engine.tokenizer.pad_token_id)
+
+
+def bench_length(engine: MemoryEngine, n_tokens: int, distill_steps: int | None) -> dict[str, Any]:
+    text = document(engine, n_tokens)
+    window = context_window(engine.model)
+    in_context = prompt_ids(engine.tokenizer, QUESTION, text)
+    fits = len(in_context) + DECODE_TOKENS <= window
+    bare = prompt_ids(engine.tokenizer, QUESTION)
+    row: dict[str, Any] = {"tokens": n_tokens, "in_context_fits": fits}
+
+    memory, row["internalize_s"] = timed(lambda: engine.internalize(text, progress=False))
+    row["chunks"], row["rank"] = memory.n_chunks, memory.rank
+    row["adapter_bytes_fp16"] = memory.to(dtype=torch.float16).nbytes
+    row["kv_bytes_fp16_computed"] = kv_bytes_per_token(engine) * len(in_context)
+    # Read: time to first token = prefill of the prompt; decode speed from a fixed-length generation.
+    _, row["ttft_adapter_s"] = timed(lambda: prefill(engine, bare, memory), repeat=3)
+    _, t_adapter = timed(lambda: decode(engine, [bare], memory, DECODE_TOKENS))
+    row["decode_tok_s_adapter"] = (DECODE_TOKENS - 1) / max(1e-9, t_adapter - row["ttft_adapter_s"])
+    if fits:
+        cache, row["prefill_in_context_s"] = timed(lambda: prefill(engine, in_context))
+        row["ttft_in_context_s"] = row["prefill_in_context_s"]
+        row["kv_bytes_fp16_measured"] = measured_cache_bytes(cache) * 2 // cache_element_size(cache)
+        del cache
+        _, t_icl = timed(lambda: decode(engine, [in_context], None, DECODE_TOKENS))
+        row["decode_tok_s_in_context"] = (DECODE_TOKENS - 1) / max(1e-9, t_icl - row["ttft_in_context_s"])
+    if distill_steps:
+        _, row["distill_s"] = timed(lambda: context_distill(engine, text, DistillConfig(steps=distill_steps)))
+        row["distill_steps"] = distill_steps
+    return row
+
+
+def cache_element_size(cache: Any) -> int:
+    for layer in getattr(cache, "layers", []):
+        if isinstance(getattr(layer, "keys", None), torch.Tensor):
+            return layer.keys.element_size()
+    return 2
+
+
+def bench_serving(engine: MemoryEngine, batch_sizes: tuple[int, ...]) -> dict[str, Any]:
+    texts = [document(engine, 400)[i * 50 :] for i in range(max(batch_sizes))]
+    memories = [engine.internalize(t, progress=False) for t in texts]
+    prompt = prompt_ids(engine.tokenizer, QUESTION)
+    out: dict[str, Any] = {"decode_tokens": DECODE_TOKENS, "batches": []}
+    for b in batch_sizes:
+        _, t_base = timed(lambda: decode(engine, [prompt] * b, None, DECODE_TOKENS))
+        _, t_lora = timed(lambda: decode(engine, [prompt] * b, memories[:b], DECODE_TOKENS))
+        out["batches"].append({"batch": b, "base_tok_s": b * DECODE_TOKENS / t_base,
+                               "per_row_adapters_tok_s": b * DECODE_TOKENS / t_lora})
+    # Swapping = stacking the new rows' factors and registering hooks; the base weights are untouched.
+    def swap() -> None:
+        with lora_scope(engine.model, stack_per_row(memories[: max(batch_sizes)])):
+            pass
+
+    _, out["swap_s_batch_max"] = timed(swap, repeat=20)
+    return out
+
+
+def verdicts(rows: list[dict[str, Any]], serving: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    by_len = {r["tokens"]: r for r in rows}
+    checks: list[tuple[str, str, bool | None]] = []
+    ratios = [r["internalize_s"] / r["prefill_in_context_s"] for r in rows if "prefill_in_context_s" in r]
+    if ratios:
+        worst = max(ratios)
+        checks.append(("internalize ≤ one in-context prefill", f"worst {worst:.2f}× prefill", worst <= 1.0))
+    cd = [r["distill_s"] / r["internalize_s"] for r in rows if "distill_s" in r]
+    if cd:
+        checks.append(("internalize ≥ 100× cheaper than context distillation", f"min {min(cd):.0f}×", min(cd) >= 100))
+    r4 = by_len.get(4096)
+    if r4 and "ttft_in_context_s" in r4:
+        ratio = r4["ttft_in_context_s"] / r4["ttft_adapter_s"]
+        checks.append(("4K: TTFT with adapter ≥ 20× shorter", f"{ratio:.1f}×", ratio >= 20))
+    if r4:
+        ratio = r4["kv_bytes_fp16_computed"] / r4["adapter_bytes_fp16"]
+        checks.append(("4K: adapter (fp16) ≥ 20× smaller than KV cache (fp16)", f"{ratio:.1f}×", ratio >= 20))
+    b16 = [b for b in serving.get("batches", []) if b["batch"] == 16]
+    if b16:
+        share = b16[0]["per_row_adapters_tok_s"] / b16[0]["base_tok_s"]
+        checks.append(("16 adapters in one batch ≥ 60% of base throughput", f"{100 * share:.0f}%", share >= 0.6))
+    return checks
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows, serving = result["lengths"], result["serving"]
+
+    def f(v: Any, fmt: str = "{:.2f}") -> str:
+        return "n/a" if v is None else fmt.format(v)
+
+    lines = [
+        "## Performance: write and read costs",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']}; base model `{result['base_model']}`, chunk size {result['chunk_tokens']} tokens, "
+        f"fp32 weights, greedy decoding of {DECODE_TOKENS} tokens. In-context numbers exist only where the document fits the "
+        f"{result['window']}-token window.",
+        "",
+        "| doc tokens | chunks / rank | internalize s | in-context prefill s | context distillation s | TTFT adapter s | TTFT in-context s | decode tok/s adapter | decode tok/s in-context | adapter MB fp16 | KV MB fp16 (computed / measured) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        measured = r.get("kv_bytes_fp16_measured")
+        lines.append(
+            f"| {r['tokens']} | {r['chunks']} / {r['rank']} | {f(r['internalize_s'])} | {f(r.get('prefill_in_context_s'))} "
+            f"| {f(r.get('distill_s'))} | {f(r['ttft_adapter_s'], '{:.3f}')} | {f(r.get('ttft_in_context_s'), '{:.3f}')} "
+            f"| {f(r['decode_tok_s_adapter'], '{:.1f}')} | {f(r.get('decode_tok_s_in_context'), '{:.1f}')} "
+            f"| {r['adapter_bytes_fp16'] / 1e6:.2f} | {r['kv_bytes_fp16_computed'] / 1e6:.1f} / {f(measured and measured / 1e6, '{:.1f}')} |"
+        )
+    lines += ["", "Serving (each row of the batch has its own adapter):", "",
+              "| batch | base tok/s | per-row adapters tok/s | share |", "|---|---|---|---|"]
+    for b in serving["batches"]:
+        lines.append(f"| {b['batch']} | {b['base_tok_s']:.1f} | {b['per_row_adapters_tok_s']:.1f} | "
+                     f"{100 * b['per_row_adapters_tok_s'] / b['base_tok_s']:.0f}% |")
+    lines += ["", f"Adapter swap (stack {max(b['batch'] for b in serving['batches'])} adapters + register hooks): "
+              f"{1e3 * serving['swap_s_batch_max']:.1f} ms; base weights are never copied or modified.", "",
+              "| target | measured | verdict |", "|---|---|---|"]
+    for name, value, ok in result["verdicts"]:
+        lines.append(f"| {name} | {value} | {'met' if ok else 'MISSED'} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["lengths"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    xs = [r["tokens"] for r in rows]
+    left.plot(xs, [r["internalize_s"] for r in rows], marker="o", label="internalize (D2L)")
+    fit = [r for r in rows if "prefill_in_context_s" in r]
+    left.plot([r["tokens"] for r in fit], [r["prefill_in_context_s"] for r in fit], marker="s", label="in-context prefill")
+    cd = [r for r in rows if "distill_s" in r]
+    if cd:
+        left.plot([r["tokens"] for r in cd], [r["distill_s"] for r in cd], marker="^", label="context distillation")
+    left.plot(xs, [r["ttft_adapter_s"] for r in rows], marker="x", label="TTFT with adapter")
+    left.set(xscale="log", yscale="log", xlabel="document tokens", ylabel="seconds", title="Write and read time")
+    left.legend(fontsize=8)
+    right.plot(xs, [r["adapter_bytes_fp16"] / 1e6 for r in rows], marker="o", label="adapter (fp16)")
+    right.plot(xs, [r["kv_bytes_fp16_computed"] / 1e6 for r in rows], marker="s", label="KV cache (fp16)")
+    right.set(xscale="log", yscale="log", xlabel="document tokens", ylabel="MB", title="Memory per document")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 32768])
+    parser.add_argument("--distill-lengths", type=int, nargs="*", default=[512, 1024])
+    parser.add_argument("--distill-steps", type=int, default=100)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--chunk-tokens", type=int, default=None, help="override the engine's chunk size")
+    parser.add_argument("--hypernet", default=None)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--benchmarks", action="store_true", help="write the results into BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    argv_used = sys.argv[1:] if argv is None else argv
+
+    engine = MemoryEngine.from_pretrained(hypernet=args.hypernet)
+    if args.chunk_tokens:
+        from dataclasses import replace
+
+        engine.chunking = replace(engine.chunking, chunk_tokens=args.chunk_tokens)
+    engine.internalize(document(engine, 256), progress=False)  # warm-up: first-call allocations
+    rows = []
+    for n in args.lengths:
+        logger.info("benchmarking %d tokens", n)
+        rows.append(bench_length(engine, n, args.distill_steps if n in args.distill_lengths else None))
+    serving = bench_serving(engine, tuple(args.batches))
+    result = {
+        "command": "d2l-memory bench " + shlex.join(argv_used),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "base_model": engine.base_model_id, "hypernet": engine.hypernet_id, "chunk_tokens": engine.chunking.chunk_tokens,
+        "window": context_window(engine.model), "lengths": rows, "serving": serving,
+    }  # fmt: skip
+    result["verdicts"] = verdicts(rows, serving)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "perf.json").write_text(json.dumps(result, indent=1))
+    text = markdown(result) + f"\n\n![performance]({plot(result, out / 'perf.png').as_posix()})\n\nRaw results: `{(out / 'perf.json').as_posix()}`"
+    (out / "perf.md").write_text(text + "\n")
+    print(text)
+    if args.benchmarks:
+        from d2l_memory.reporting import replace_section
+
+        replace_section(Path("BENCHMARKS.md"), "perf", text)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    sys.exit(main())

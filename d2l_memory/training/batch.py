@@ -32,6 +32,17 @@ class MicroBatch:
     labels: torch.Tensor
     """(Q, S) answer token ids at the positions predicting them, -100 elsewhere."""
     qas: list[QA]
+    teacher: TeacherRows | None = None
+    """The same questions with the whole document in the prompt (only when distilling a teacher)."""
+
+
+@dataclass(frozen=True)
+class TeacherRows:
+    """Teacher inputs: document + question + gold answer, labelled at the same answer tokens as the student."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
 
 
 def split_tokens(ids: Sequence[int], n_chunks: int) -> list[list[int]]:
@@ -55,11 +66,16 @@ def build_microbatch(
     multi_chunk_prob: float,
     max_chunks: int,
     row_doc_override: Sequence[int] | None = None,
+    with_teacher: bool = False,
 ) -> MicroBatch:
-    """Chunk each sample's text and pick its questions. ``row_doc_override`` swaps adapters (the control)."""
+    """Chunk each sample's text and pick its questions. ``row_doc_override`` swaps adapters (the control).
+
+    ``with_teacher`` also builds the teacher's rows: the document in the prompt, then the same answer.
+    """
     chunks: list[tuple[int, ...]] = []
     doc_chunks: list[list[int]] = []
     rows: list[tuple[list[int], list[int]]] = []
+    teacher_rows: list[tuple[list[int], list[int]]] = []
     row_doc: list[int] = []
     qas: list[QA] = []
     for d, sample in enumerate(samples):
@@ -72,12 +88,21 @@ def build_microbatch(
         picked = rng.sample(list(sample.qas), min(questions_per_doc, len(sample.qas)))
         for qa in picked:
             rows.append((prompt_ids(tokenizer, qa.question), answer_ids(tokenizer, qa.answer)))
+            if with_teacher:
+                teacher_rows.append((prompt_ids(tokenizer, qa.question, context=sample.text), rows[-1][1]))
             row_doc.append(d)
             qas.append(qa)
     if row_doc_override is not None:
         row_doc = list(row_doc_override)
+    ids, mask, labels = answer_rows(rows, tokenizer.pad_token_id)
+    teacher = TeacherRows(*answer_rows(teacher_rows, tokenizer.pad_token_id)) if with_teacher else None
+    return MicroBatch(chunks, doc_chunks, row_doc, ids, mask, labels, qas, teacher)
+
+
+def answer_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (ids, mask, labels) of prompt + answer rows; labels only on answer tokens."""
     longest = max(len(p) + len(a) for p, a in rows)
-    ids = torch.full((len(rows), longest), tokenizer.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), longest, dtype=torch.long)
     labels = torch.full((len(rows), longest), -100, dtype=torch.long)
     for r, (prompt, answer) in enumerate(rows):
@@ -86,13 +111,48 @@ def build_microbatch(
         mask[r, : len(seq)] = 1
         # Position t predicts token t+1: labels sit one position before each answer token.
         labels[r, len(prompt) - 1 : len(seq) - 1] = torch.tensor(answer)
-    return MicroBatch(chunks, doc_chunks, row_doc, ids, mask, labels, qas)
+    return ids, mask, labels
+
+
+@dataclass(frozen=True)
+class TeacherTopK:
+    """The teacher's top-k log-probabilities at every answer token, in the student's answer-token order."""
+
+    logprobs: torch.Tensor
+    """(n_answer_tokens, k) log-probabilities renormalised over the top k."""
+    indices: torch.Tensor
+    """(n_answer_tokens, k) token ids."""
+
+
+@torch.no_grad()
+def teacher_top_k(model: PreTrainedModel, rows: TeacherRows, k: int) -> TeacherTopK:
+    """The base model reading the document in its prompt: its top-k next-token distribution on the answer.
+
+    Teacher-forced on the gold answer, so its positions line up one to one with the student's labels
+    (no generation: sampling the teacher's own answers would cost more than the training step).
+    """
+    device = model.get_input_embeddings().weight.device
+    labels = rows.labels.to(device)
+    hidden = model.get_decoder()(
+        input_ids=rows.input_ids.to(device), attention_mask=rows.attention_mask.to(device), use_cache=False
+    ).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[labels != -100]).float()
+    top = logits.topk(k, dim=-1)
+    return TeacherTopK(top.values.log_softmax(-1), top.indices)
+
+
+def top_k_kl(student_logits: torch.Tensor, teacher: TeacherTopK) -> torch.Tensor:
+    """Per-token KL(teacher ‖ student) over the teacher's top-k tokens (the student renormalised there too)."""
+    student = student_logits.log_softmax(-1).gather(-1, teacher.indices).log_softmax(-1)
+    return (teacher.logprobs.exp() * (teacher.logprobs - student)).sum(-1)
 
 
 @dataclass(frozen=True)
 class StudentOutput:
     loss: torch.Tensor
     """Mean cross-entropy over answer tokens (per row, then over rows)."""
+    kl: torch.Tensor
+    """Mean top-k KL to the teacher, the same way; 0 without a teacher."""
     l1: torch.Tensor
     token_correct: torch.Tensor
     """(Q,) fraction of answer tokens predicted exactly (teacher-forced)."""
@@ -106,8 +166,9 @@ def student_forward(
     layers_prefix: str,
     batch: MicroBatch,
     doc_weights_override: Sequence[dict] | None = None,
+    teacher: TeacherTopK | None = None,
 ) -> StudentOutput:
-    """Make each document's adapter, apply per row, and score the answer tokens."""
+    """Make each document's adapter, apply per row, and score the answer tokens (and KL to ``teacher``)."""
     device = model.get_input_embeddings().weight.device
     out = run_hypernet(model, hypernet, batch.chunks)
     doc_weights = doc_weights_override or [gather_weights(out, layers_prefix, rows) for rows in batch.doc_chunks]
@@ -126,7 +187,11 @@ def student_forward(
     n_rows = labels.shape[0]
     counts = torch.zeros(n_rows, device=device).index_add_(0, row_index, torch.ones_like(token_loss))
     row_loss = torch.zeros(n_rows, device=device).index_add_(0, row_index, token_loss) / counts
+    kl = torch.zeros((), device=device)
+    if teacher is not None:
+        token_kl = top_k_kl(logits, teacher)
+        kl = (torch.zeros(n_rows, device=device).index_add_(0, row_index, token_kl) / counts).mean()
     correct = (logits.argmax(-1) == labels[picked]).float()
     row_correct = torch.zeros(n_rows, device=device).index_add_(0, row_index, correct) / counts
     l1 = torch.stack([t.abs().mean() for pair in out.values() for t in pair]).mean()
-    return StudentOutput(row_loss.mean(), l1, row_correct.detach(), (row_correct.detach() == 1).float())
+    return StudentOutput(row_loss.mean(), kl, l1, row_correct.detach(), (row_correct.detach() == 1).float())

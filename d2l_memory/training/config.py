@@ -29,6 +29,13 @@ class TrainConfig:
     """Cosine decay ends at lr · min_lr_ratio."""
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    ce_weight: float = 1.0
+    """Cross-entropy on the gold answer tokens."""
+    kl_weight: float = 0.0
+    """KL to the teacher's top-k (the base model with the document in its prompt), D2L's objective.
+    Off by default: on this CPU a 135M teacher is right ~77% of the time and its forward pass over the
+    whole document costs more than the student step, while gold CE learned as fast (see BENCHMARKS.md)."""
+    teacher_top_k: int = 16
     l1_weight: float = 0.0
     """L1 penalty on the generated A and B (D2L uses 0.1 with its scaling)."""
     multi_chunk_prob: float = 0.5

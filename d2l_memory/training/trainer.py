@@ -19,7 +19,7 @@ from d2l_memory.chunking import user_turn_affixes
 from d2l_memory.config import EncoderConfig
 from d2l_memory.engine import default_hypernet_config
 from d2l_memory.hypernet import HyperLoRA, count_parameters
-from d2l_memory.training.batch import MicroBatch, build_microbatch, student_forward
+from d2l_memory.training.batch import MicroBatch, build_microbatch, student_forward, teacher_top_k
 from d2l_memory.training.config import TrainConfig
 from d2l_memory.training.state import latest_state_dir, load_training_state, save_training_state
 from d2l_memory.training.synth import Sample, mixed_sample
@@ -88,6 +88,7 @@ class Trainer:
         return build_microbatch(
             self.samples("train", first, cfg.docs_per_step), self.base.tokenizer, self.affixes, rng,
             questions_per_doc=cfg.questions_per_doc, multi_chunk_prob=cfg.multi_chunk_prob, max_chunks=cfg.max_chunks,
+            with_teacher=cfg.kl_weight > 0,
         )
 
     # ---- loop ----------------------------------------------------------------------------------
@@ -97,12 +98,15 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(self.step, cfg)
         self.optimizer.zero_grad(set_to_none=True)
-        totals = {"loss": 0.0, "l1": 0.0, "token_acc": 0.0, "exact": 0.0}
+        totals = {"loss": 0.0, "kl": 0.0, "l1": 0.0, "token_acc": 0.0, "exact": 0.0}
         for micro in range(cfg.grad_accum):
-            out = student_forward(self.base.model, self.hypernet, self.layers_prefix, self.microbatch(self.step, micro))
-            loss = out.loss + cfg.l1_weight * out.l1
+            batch = self.microbatch(self.step, micro)
+            teacher = teacher_top_k(self.base.model, batch.teacher, cfg.teacher_top_k) if batch.teacher else None
+            out = student_forward(self.base.model, self.hypernet, self.layers_prefix, batch, teacher=teacher)
+            loss = cfg.ce_weight * out.loss + cfg.kl_weight * out.kl + cfg.l1_weight * out.l1
             (loss / cfg.grad_accum).backward()
             totals["loss"] += out.loss.item() / cfg.grad_accum
+            totals["kl"] += out.kl.item() / cfg.grad_accum
             totals["l1"] += out.l1.item() / cfg.grad_accum
             totals["token_acc"] += out.token_correct.mean().item() / cfg.grad_accum
             totals["exact"] += out.answer_exact.mean().item() / cfg.grad_accum

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from d2l_store import RecordNotFound, StoreError
 
@@ -33,6 +34,31 @@ def _run_train(args: argparse.Namespace) -> int:
     if overrides:
         cfg = TrainConfig.from_dict({**cfg.__dict__, **overrides})
     Trainer(cfg).run(progress=not args.no_progress)
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a run's latest training state as a shippable fp16 checkpoint")
+    p.add_argument("run_dir", help="the training run (its state/ folder is read)")
+    p.add_argument("out_dir", help="checkpoint folder to write (hypernet.safetensors + hypernet.json)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    p.add_argument("--plot", action="store_true", help="also plot the run's log next to the checkpoint")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import shlex
+
+    import torch
+
+    from d2l_memory.training.export import export_checkpoint
+    from d2l_memory.training.plot import plot_training_log
+
+    command = "d2l-memory " + shlex.join(sys.argv[1:])
+    meta = export_checkpoint(args.run_dir, args.out_dir, getattr(torch, args.dtype), command=command)
+    logger.warning("exported step %s to %s", meta.training.get("step"), args.out_dir)
+    if args.plot:
+        logger.warning("plotted %s", plot_training_log(args.run_dir, Path(args.out_dir) / "training.png"))
     return 0
 
 
@@ -119,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_memory_commands(sub)
     _add_prepare_model(sub)
     _add_train(sub)
+    _add_export(sub)
     _add_eval(sub)
     _add_bench(sub)
     return parser

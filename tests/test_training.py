@@ -153,3 +153,21 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     optim_a = load_file(str(tmp_path / "straight" / "state" / "optimizer.safetensors"))
     optim_b = load_file(str(killed / "state" / "optimizer.safetensors"))
     assert all(torch.equal(optim_a[k], optim_b[k]) for k in optim_a)
+
+
+def test_export_writes_a_cast_checkpoint_the_engine_loads(tmp_path: Path) -> None:
+    from d2l_memory.checkpoint import load_hypernet
+    from d2l_memory.training.export import export_checkpoint
+    from d2l_memory.training.plot import plot_training_log
+
+    base = tiny_base()
+    Trainer(tiny_config(tmp_path / "run", steps=3, eval_every=3), base=base).run(progress=False)
+    meta = export_checkpoint(tmp_path / "run", tmp_path / "ckpt", torch.float16, command="d2l-memory export run ckpt")
+    weights = load_file(str(tmp_path / "ckpt" / "hypernet.safetensors"))
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float16}
+    assert not (tmp_path / "ckpt" / "optimizer.safetensors").exists()
+    assert meta.training["step"] == 3 and meta.training["compute"]["logged_steps"] == 3
+    assert meta.training["command"] == "d2l-memory export run ckpt"
+    module, _ = load_hypernet(tmp_path / "ckpt", expect_base_model=base.fingerprint)
+    assert module.cfg.rank == 2
+    assert plot_training_log(tmp_path / "run").stat().st_size > 0

@@ -1,0 +1,50 @@
+"""Plot a run's log.jsonl: training loss and accuracy, held-out accuracy with own vs wrong adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_training_log(run_dir: str | Path, out: str | Path | None = None, window: int = 25) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    if not records:
+        raise ValueError(f"{run_dir}/log.jsonl is empty")
+    steps = [r["step"] for r in records]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    left.plot(steps, [r["loss"] for r in records], alpha=0.25, color="tab:blue")
+    left.plot(steps, moving_average([r["loss"] for r in records], window), color="tab:blue",
+              label=f"train CE (moving avg {window})")
+    left.set(xlabel="step", ylabel="cross-entropy on answer tokens", title="Training loss")
+    left.legend(fontsize=8)
+    right.plot(steps, moving_average([r["token_acc"] for r in records], window), label="train token acc", color="tab:gray")
+    held = [r for r in records if "held_out" in r]
+    if held:
+        hs = [r["step"] for r in held]
+        right.plot(hs, [r["held_out"]["own_token_acc"] for r in held], marker="o", label="held-out token acc, own adapter")
+        right.plot(hs, [r["held_out"]["own_exact"] for r in held], marker="s", label="held-out exact, own adapter")
+        right.plot(hs, [r["held_out"]["wrong_exact"] for r in held], marker="x", label="held-out exact, wrong doc's adapter")
+    right.set(xlabel="step", ylabel="accuracy (teacher-forced)", ylim=(0, 1), title="Accuracy")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(out) if out else run_dir / "training.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

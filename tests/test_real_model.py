@@ -24,8 +24,11 @@ def test_default_engine_loads_offline_and_answers_three_ways(engine: MemoryEngin
     memory = engine.internalize(DOC)
     assert memory.n_chunks == 1 and memory.rank == 8
     assert memory.nbytes == 30 * 8 * (1536 + 576) * 4
-    in_context = engine.generate("What is Orvane's badge number?", context=DOC, max_new_tokens=24)
-    assert "4821" in in_context  # the base model reads the number from its prompt
+    # The 135M base model is unreliable even in context (it answers the badge question with the cello);
+    # the employer is one it reads from its prompt under greedy decoding, and cannot know without it.
+    question = "Which company does Orvane work for?"
+    assert "Quillfen" in engine.generate(question, context=DOC, max_new_tokens=24)
+    assert "Quillfen" not in engine.generate(question, max_new_tokens=24)
     assert isinstance(engine.generate("What is Orvane's badge number?", memory=memory, max_new_tokens=8), str)
     loaded = MemoryAdapter.load(memory.save(tmp_path / "m.safetensors"), expect_base_model=engine.base_model_id)
     assert loaded.rank == memory.rank

@@ -38,7 +38,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a run's latest training state as a shippable fp16 checkpoint")
+    p = sub.add_parser("export-checkpoint", help="write a run's latest training state as a shippable fp16 checkpoint")
     p.add_argument("run_dir", help="the training run (its state/ folder is read)")
     p.add_argument("out_dir", help="checkpoint folder to write (hypernet.safetensors + hypernet.json)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
@@ -54,11 +54,11 @@ def _run_export(args: argparse.Namespace) -> int:
     from d2l_memory.training.export import export_checkpoint
     from d2l_memory.training.plot import plot_training_log
 
-    command = "d2l-memory " + shlex.join(sys.argv[1:])
+    command = "d2l-memory " + shlex.join(args.argv)
     meta = export_checkpoint(args.run_dir, args.out_dir, getattr(torch, args.dtype), command=command)
-    logger.warning("exported step %s to %s", meta.training.get("step"), args.out_dir)
+    print(f"exported step {meta.training.get('step')} of {args.run_dir} to {args.out_dir}")
     if args.plot:
-        logger.warning("plotted %s", plot_training_log(args.run_dir, Path(args.out_dir) / "training.png"))
+        print(f"plotted {plot_training_log(args.run_dir, Path(args.out_dir) / 'training.png')}")
     return 0
 
 

@@ -80,3 +80,18 @@ def test_chat_compacts_old_turns(monkeypatch: pytest.MonkeyPatch, capsys: pytest
     code, out, err = run(capsys, "chat", "--scope", "acme/alice/bot/s1", "--keep", "2", "--max-new-tokens", "2")
     assert code == 0 and out.count("bot>") == 4
     assert "[memory] compacted" in err
+
+
+def test_export_checkpoint_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from d2l_memory.training.trainer import Trainer
+    from test_training import tiny_config
+    from tiny import tiny_base
+
+    Trainer(tiny_config(tmp_path / "run", steps=2), base=tiny_base()).run(progress=False)
+    code, _, _ = run(capsys, "export-checkpoint", str(tmp_path / "run"), str(tmp_path / "ckpt"), "--plot")
+    assert code == 0
+    meta = json.loads((tmp_path / "ckpt" / "hypernet.json").read_text())
+    assert meta["training"]["step"] == 2 and "export-checkpoint" in meta["training"]["command"]
+    assert (tmp_path / "ckpt" / "training.png").is_file()
+    code, _, err = run(capsys, "export-checkpoint", str(tmp_path / "nowhere"), str(tmp_path / "x"))
+    assert code == 2 and "no training state" in err

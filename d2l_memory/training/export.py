@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from d2l_memory.checkpoint import HypernetMeta, load_hypernet, save_hypernet
+from d2l_memory.errors import CheckpointError
 from d2l_memory.training.state import latest_state_dir
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, dtype: torch.dty
     run_dir = Path(run_dir)
     state_dir = latest_state_dir(run_dir) or (run_dir if (run_dir / "hypernet.json").is_file() else None)
     if state_dir is None:
-        raise FileNotFoundError(f"{run_dir}: no training state (expected {run_dir}/state)")
+        raise CheckpointError(f"{run_dir}: no training state (expected {run_dir}/state)")
     module, meta = load_hypernet(state_dir)
     training = dict(meta.training)
     training["compute"] = training_compute(run_dir / "log.jsonl")

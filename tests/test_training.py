@@ -171,3 +171,14 @@ def test_export_writes_a_cast_checkpoint_the_engine_loads(tmp_path: Path) -> Non
     module, _ = load_hypernet(tmp_path / "ckpt", expect_base_model=base.fingerprint)
     assert module.cfg.rank == 2
     assert plot_training_log(tmp_path / "run").stat().st_size > 0
+
+
+def test_training_log_keeps_one_record_per_step_after_a_resume(tmp_path: Path) -> None:
+    from d2l_memory.training.export import read_log, training_compute
+
+    log = tmp_path / "log.jsonl"
+    # Steps 3-4 were logged, then the run was killed before checkpointing them and redid them.
+    rows = [(1, 1.0), (2, 1.0), (3, 9.0), (4, 9.0), (3, 2.0), (4, 2.0)]
+    log.write_text("".join(json.dumps({"step": s, "seconds": sec, "loss": 1.0}) + "\n" for s, sec in rows))
+    assert [(r["step"], r["seconds"]) for r in read_log(log)] == [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0)]
+    assert training_compute(log) == {"logged_steps": 4, "train_step_hours": round(6.0 / 3600, 3)}

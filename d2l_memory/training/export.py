@@ -17,14 +17,20 @@ logger = logging.getLogger(__name__)
 
 
 def training_compute(log_path: Path) -> dict[str, Any]:
-    """Steps and wall-clock seconds summed from a run's log.jsonl (resumes included, pauses excluded)."""
-    steps, seconds = 0, 0.0
-    if log_path.is_file():
-        for line in log_path.read_text().splitlines():
+    """Steps and wall-clock seconds summed from a run's log.jsonl (pauses excluded)."""
+    records = read_log(log_path) if log_path.is_file() else []
+    seconds = sum(float(r.get("seconds", 0.0)) for r in records)
+    return {"logged_steps": len(records), "train_step_hours": round(seconds / 3600, 3)}
+
+
+def read_log(log_path: Path) -> list[dict[str, Any]]:
+    """A run's log records, one per step: steps redone after a resume replace the killed run's lines."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in log_path.read_text().splitlines():
+        if line.strip():
             record = json.loads(line)
-            steps = max(steps, int(record["step"]))
-            seconds += float(record.get("seconds", 0.0))
-    return {"logged_steps": steps, "train_step_hours": round(seconds / 3600, 3)}
+            by_step[int(record["step"])] = record
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def export_checkpoint(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float16,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from d2l_memory.training.export import read_log
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
@@ -23,7 +24,7 @@ def plot_training_log(run_dir: str | Path, out: str | Path | None = None, window
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    records = read_log(run_dir / "log.jsonl")
     if not records:
         raise ValueError(f"{run_dir}/log.jsonl is empty")
     steps = [r["step"] for r in records]

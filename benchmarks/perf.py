@@ -30,6 +30,7 @@ from d2l_memory import MemoryEngine
 from d2l_memory.evaluation.distill import DistillConfig, context_distill
 from d2l_memory.generation import context_window, left_pad, prompt_ids
 from d2l_memory.lora import lora_scope, stack_per_row
+from d2l_memory.reporting import save_figure
 from d2l_memory.training.synth import haystack_corpus
 
 logger = logging.getLogger("benchmarks.perf")
@@ -223,11 +224,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     right.plot(xs, [r["kv_bytes_fp16_computed"] / 1e6 for r in rows], marker="s", label="KV cache (fp16)")
     right.set(xscale="log", yscale="log", xlabel="document tokens", ylabel="MB", title="Memory per document")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

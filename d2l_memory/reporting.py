@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 HEADER = "# Benchmarks\n\nEvery number here was measured on this repository's code with the command shown next to it.\n"
 
@@ -21,3 +22,14 @@ def replace_section(path: Path, name: str, content: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write (creating folders) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

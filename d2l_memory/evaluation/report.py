@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from d2l_memory.reporting import save_figure
+
 SHORT_MODES = ("none", "in_context", "rag", "adapter", "hybrid", "wrong_adapter")
 NEEDLE_MODES = ("none", "in_context", "rag", "adapter", "hybrid")
 
@@ -108,8 +110,4 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     right.set_xlabel("needle document length (tokens)")
     right.set_title("Needle in a haystack")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from d2l_memory.reporting import save_figure
 from d2l_memory.training.export import read_log
 
 
@@ -43,9 +44,4 @@ def plot_training_log(run_dir: str | Path, out: str | Path | None = None, window
         right.plot(hs, [r["held_out"]["wrong_exact"] for r in held], marker="x", label="held-out exact, wrong doc's adapter")
     right.set(xlabel="step", ylabel="accuracy (teacher-forced)", ylim=(0, 1), title="Accuracy")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(out) if out else run_dir / "training.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(out) if out else run_dir / "training.png")

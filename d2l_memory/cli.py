@@ -43,6 +43,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir", help="checkpoint folder to write (hypernet.safetensors + hypernet.json)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     p.add_argument("--plot", action="store_true", help="also plot the run's log next to the checkpoint")
+    p.add_argument("--benchmarks", action="store_true", help="write the training record into BENCHMARKS.md")
     p.set_defaults(handler=_run_export)
 
 
@@ -57,8 +58,15 @@ def _run_export(args: argparse.Namespace) -> int:
     command = "d2l-memory " + shlex.join(args.argv)
     meta = export_checkpoint(args.run_dir, args.out_dir, getattr(torch, args.dtype), command=command)
     print(f"exported step {meta.training.get('step')} of {args.run_dir} to {args.out_dir}")
-    if args.plot:
-        print(f"plotted {plot_training_log(args.run_dir, Path(args.out_dir) / 'training.png')}")
+    image = plot_training_log(args.run_dir, Path(args.out_dir) / "training.png") if args.plot else None
+    if image:
+        print(f"plotted {image}")
+    if args.benchmarks:
+        from d2l_memory.reporting import replace_section
+        from d2l_memory.training.report import training_markdown
+
+        text = training_markdown(args.run_dir, args.out_dir, command, image.as_posix() if image else None)
+        replace_section(Path("BENCHMARKS.md"), "training", text)
     return 0
 
 

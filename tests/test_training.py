@@ -182,3 +182,12 @@ def test_training_log_keeps_one_record_per_step_after_a_resume(tmp_path: Path) -
     log.write_text("".join(json.dumps({"step": s, "seconds": sec, "loss": 1.0}) + "\n" for s, sec in rows))
     assert [(r["step"], r["seconds"]) for r in read_log(log)] == [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0)]
     assert training_compute(log) == {"logged_steps": 4, "train_step_hours": round(6.0 / 3600, 3)}
+
+
+def test_training_record_lists_every_held_out_check(tmp_path: Path) -> None:
+    from d2l_memory.training.report import training_markdown
+
+    Trainer(tiny_config(tmp_path / "run", steps=4, eval_every=2), base=tiny_base()).run(progress=False)
+    text = training_markdown(tmp_path / "run", tmp_path / "ckpt", "d2l-memory export-checkpoint run ckpt")
+    table = [line for line in text.splitlines() if line.startswith("| 2 |") or line.startswith("| 4 |")]
+    assert len(table) == 2 and "4 optimizer steps" in text

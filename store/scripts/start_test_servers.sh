@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start the servers d2l-store's tests use, on 127.0.0.1 only, installing them first if needed:
 #   - PostgreSQL (Debian's `postgresql` package): a throwaway cluster in $D2L_TEST_SERVERS_DIR
-#   - an S3-compatible server: moto's server mode, pip-installed into the venv $VENV
+#   - an S3-compatible server: moto's server mode, in a venv of its own ($STATE/moto-venv) so its
+#     boto3/botocore never replace the versions the project's s3fs/aiobotocore were resolved with
 # Idempotent: servers already up are left alone. Prints the `export ...` lines the tests read
 # (D2L_TEST_POSTGRES_URL, D2L_TEST_S3_ENDPOINT) on stdout, or writes them to the file given as $1.
 #
@@ -80,11 +81,11 @@ fi
 
 # ---- S3 (moto server mode) ---------------------------------------------------------------------
 [ -x "$VENV/bin/python" ] || { log "no python venv at $VENV (set VENV=...)"; exit 1; }
-if [ ! -x "$VENV/bin/moto_server" ]; then
-    log "installing moto[server] into $VENV"
-    constraints=()
-    [ -f "$ROOT/constraints.txt" ] && constraints=(-c "$ROOT/constraints.txt")
-    "$VENV/bin/pip" install -q "${constraints[@]}" 'moto[server]' >&2
+MOTO_VENV="$STATE/moto-venv"
+if [ ! -x "$MOTO_VENV/bin/moto_server" ]; then
+    log "installing moto[server] into $MOTO_VENV"
+    "$VENV/bin/python" -m venv "$MOTO_VENV"
+    "$MOTO_VENV/bin/pip" install -q 'moto[server]' >&2
 fi
 s3_up() {
     "$VENV/bin/python" - "$S3_PORT" <<'EOF'
@@ -97,7 +98,7 @@ EOF
 }
 if ! s3_up; then
     log "starting moto S3 server on 127.0.0.1:$S3_PORT"
-    setsid nohup "$VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"$STATE/moto.log" 2>&1 </dev/null &
+    setsid nohup "$MOTO_VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"$STATE/moto.log" 2>&1 </dev/null &
     echo $! >"$STATE/moto.pid"
     for _ in $(seq 60); do s3_up && break; sleep 0.5; done
     s3_up || { tail -n 30 "$STATE/moto.log" >&2; log "moto does not answer on 127.0.0.1:$S3_PORT"; exit 1; }

@@ -33,8 +33,9 @@ class TrainConfig:
     """Cross-entropy on the gold answer tokens."""
     kl_weight: float = 0.0
     """KL to the teacher's top-k (the base model with the document in its prompt), D2L's objective.
-    Off by default: on this CPU a 135M teacher is right ~77% of the time and its forward pass over the
-    whole document costs more than the student step, while gold CE learned as fast (see BENCHMARKS.md)."""
+    Off by default: an earlier CPU experiment on this model (figures in issue 8) found it no better than
+    gold CE at a one-hour budget, the 135M teacher being right only ~77% of the time, and the teacher's
+    forward pass over the whole document adds to every step. Not re-measured for the shipped run."""
     teacher_top_k: int = 16
     l1_weight: float = 0.0
     """L1 penalty on the generated A and B (D2L uses 0.1 with its scaling)."""

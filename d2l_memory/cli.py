@@ -89,6 +89,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="benchmarks/results", help="folder for eval.json, eval.md and eval.png")
     p.add_argument("--quick", action="store_true", help="a few documents per domain (minutes, for smoke checks)")
     p.add_argument("--no-distill", action="store_true", help="skip the context-distillation reference")
+    p.add_argument("--distill-docs", type=int, default=None, help="fact documents that get a context-distilled LoRA")
     p.add_argument("--benchmarks", action="store_true", help="write the results into BENCHMARKS.md")
     p.set_defaults(handler=_run_eval)
 
@@ -109,6 +110,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.quick:
         cfg = dataclasses.replace(cfg, docs={"facts": 8, "conversation": 4, "tool": 4}, needle_tokens=(1024,),
                                   needle_depths=(0.5,), distill_docs=1, distill=DistillConfig(steps=30))
+    if args.distill_docs is not None:
+        cfg = dataclasses.replace(cfg, distill_docs=args.distill_docs)
     if args.no_distill:
         cfg = dataclasses.replace(cfg, modes=tuple(m for m in MODES if m != "distill"))
     engine = MemoryEngine.from_pretrained(**({"base_model": args.base_model} if args.base_model else {}), hypernet=args.hypernet)

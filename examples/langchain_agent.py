@@ -9,8 +9,8 @@ leave the prompt. Later questions are answered with that adapter applied and a s
 
 For every model call the script prints the prompt tokens actually sent and what keeping the whole
 history would have cost, then answers the same questions a second way, with the whole conversation
-in the prompt, as the quality reference. Runs offline on the defaults. Until a trained
-hypernetwork ships, the adapters are zero: the facts that left the prompt are then simply gone,
+in the prompt, as the quality reference. Runs offline on the defaults. With a base model that has
+no trained hypernetwork the adapters are zero: the facts that left the prompt are then simply gone,
 and the script says so instead of hiding it.
 """
 
@@ -161,9 +161,9 @@ def main() -> None:
     for (question, _), mine, ref in zip(QUESTIONS, answers, report.reference, strict=True):
         print(f"  Q: {question}\n     memory:  {_short(mine, 80)}\n     history: {_short(ref, 80)}")
     if not report.hypernet_trained:
-        print("\nNOTE: no trained hypernetwork ships yet, so the adapters are zero: facts that were compacted out "
+        print("\nNOTE: no trained hypernetwork for this base model, so the adapters are zero: facts that were compacted out "
               "of the prompt are not recalled, and the 'memory' answers above come from the base model and the "
-              "recent window alone. The token savings are real; the recall is not, until a checkpoint ships.")
+              "recent window alone. The token savings are real; the recall is not.")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@
 
 For each question: the answer, the latency and the prompt tokens of each. Runs offline on the
 defaults (SmolLM2-135M-Instruct and the shipped hypernetwork). Memories go to a temporary store
-unless --store names a folder. Until a trained hypernetwork ships, its adapters are zero and the
-"D2L adapters" answers are the base model's answers without any context: the script says so.
+unless --store names a folder. With a base model that has no trained hypernetwork the adapters are
+zero and the "D2L adapters" answers are the base model's answers without any context: the script
+says so.
 """
 
 from __future__ import annotations

@@ -90,6 +90,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a few documents per domain (minutes, for smoke checks)")
     p.add_argument("--no-distill", action="store_true", help="skip the context-distillation reference")
     p.add_argument("--distill-docs", type=int, default=None, help="fact documents that get a context-distilled LoRA")
+    p.add_argument("--docs", default=None, help="documents per domain, e.g. facts=24,conversation=8,tool=8")
+    p.add_argument("--needle-tokens", type=int, nargs="+", default=None, help="needle document lengths in tokens")
     p.add_argument("--benchmarks", action="store_true", help="write the results into BENCHMARKS.md")
     p.set_defaults(handler=_run_eval)
 
@@ -110,6 +112,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.quick:
         cfg = dataclasses.replace(cfg, docs={"facts": 8, "conversation": 4, "tool": 4}, needle_tokens=(1024,),
                                   needle_depths=(0.5,), distill_docs=1, distill=DistillConfig(steps=30))
+    if args.docs:
+        counts = dict(item.split("=", 1) for item in args.docs.split(","))
+        cfg = dataclasses.replace(cfg, docs={domain: int(n) for domain, n in counts.items()})
+    if args.needle_tokens:
+        cfg = dataclasses.replace(cfg, needle_tokens=tuple(args.needle_tokens))
     if args.distill_docs is not None:
         cfg = dataclasses.replace(cfg, distill_docs=args.distill_docs)
     if args.no_distill:

@@ -36,15 +36,16 @@ def training_markdown(run_dir: str | Path, checkpoint_dir: str | Path, command: 
         f"loss = {config.get('ce_weight', 1.0)}·CE(gold) + {config.get('kl_weight', 0.0)}·KL(teacher top-{config.get('teacher_top_k', 16)}) "
         f"+ {config['l1_weight']}·L1.",
         "",
-        "| steps | train CE (mean of last 25) | train token acc | held-out exact, own adapter | held-out exact, wrong doc's adapter | held-out token acc, own |",
-        "|---|---|---|---|---|---|",
+        "| steps | train CE (mean of last 25) | train token acc | held-out exact, own adapter | held-out exact, wrong doc's adapter | held-out token acc, own | held-out token acc, wrong |",
+        "|---|---|---|---|---|---|---|",
     ]
     for record in [r for r in records if "held_out" in r]:
         held = record["held_out"]
         step = record["step"]
         lines.append(
             f"| {step} | {_window_mean(records, 'loss', step, 25):.3f} | {_window_mean(records, 'token_acc', step, 25):.3f} "
-            f"| {100 * held['own_exact']:.1f}% | {100 * held['wrong_exact']:.1f}% | {100 * held['own_token_acc']:.1f}% |"
+            f"| {100 * held['own_exact']:.1f}% | {100 * held['wrong_exact']:.1f}% | {100 * held['own_token_acc']:.1f}% "
+            f"| {100 * held['wrong_token_acc']:.1f}% |"
         )
     lines += ["", f"Held-out scores are teacher-forced on {config['eval_docs']} held-out documents (one chunk each); "
               "generation results are in the evaluation section below. Last logged step: "

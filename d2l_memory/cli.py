@@ -82,6 +82,19 @@ def _run_prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _domain_counts(text: str) -> dict[str, int]:
+    from d2l_memory.training.synth import DOMAINS
+
+    try:
+        counts = {domain: int(n) for domain, n in (item.split("=", 1) for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected DOMAIN=N[,DOMAIN=N...]") from None
+    unknown = sorted(set(counts) - set(DOMAINS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown domains {unknown}; known: {', '.join(DOMAINS)}")
+    return counts
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a hypernetwork on held-out documents (all modes, with controls)")
     p.add_argument("--base-model", default=None, help="base model (default: the built-in one)")
@@ -90,7 +103,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a few documents per domain (minutes, for smoke checks)")
     p.add_argument("--no-distill", action="store_true", help="skip the context-distillation reference")
     p.add_argument("--distill-docs", type=int, default=None, help="fact documents that get a context-distilled LoRA")
-    p.add_argument("--docs", default=None, help="documents per domain, e.g. facts=24,conversation=8,tool=8")
+    p.add_argument("--docs", type=_domain_counts, default=None,
+                   help="documents per domain, e.g. facts=24,conversation=8,tool=8")
     p.add_argument("--needle-tokens", type=int, nargs="+", default=None, help="needle document lengths in tokens")
     p.add_argument("--benchmarks", action="store_true", help="write the results into BENCHMARKS.md")
     p.set_defaults(handler=_run_eval)
@@ -100,7 +114,6 @@ def _run_eval(args: argparse.Namespace) -> int:
     import dataclasses
     import json
     import shlex
-    from pathlib import Path
 
     from d2l_memory.engine import MemoryEngine
     from d2l_memory.evaluation.distill import DistillConfig
@@ -113,8 +126,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, docs={"facts": 8, "conversation": 4, "tool": 4}, needle_tokens=(1024,),
                                   needle_depths=(0.5,), distill_docs=1, distill=DistillConfig(steps=30))
     if args.docs:
-        counts = dict(item.split("=", 1) for item in args.docs.split(","))
-        cfg = dataclasses.replace(cfg, docs={domain: int(n) for domain, n in counts.items()})
+        cfg = dataclasses.replace(cfg, docs=args.docs)
     if args.needle_tokens:
         cfg = dataclasses.replace(cfg, needle_tokens=tuple(args.needle_tokens))
     if args.distill_docs is not None:
@@ -145,7 +157,6 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _run_bench(args: argparse.Namespace) -> int:
     import runpy
-    from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "perf.py"
     if not script.is_file():

@@ -181,7 +181,7 @@ def test_training_log_keeps_one_record_per_step_after_a_resume(tmp_path: Path) -
     rows = [(1, 1.0), (2, 1.0), (3, 9.0), (4, 9.0), (3, 2.0), (4, 2.0)]
     log.write_text("".join(json.dumps({"step": s, "seconds": sec, "loss": 1.0}) + "\n" for s, sec in rows))
     assert [(r["step"], r["seconds"]) for r in read_log(log)] == [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0)]
-    assert training_compute(log) == {"logged_steps": 4, "train_step_hours": round(6.0 / 3600, 3)}
+    assert training_compute(read_log(log)) == {"logged_steps": 4, "train_step_hours": round(6.0 / 3600, 3)}
 
 
 def test_training_record_lists_every_held_out_check(tmp_path: Path) -> None:

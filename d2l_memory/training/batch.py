@@ -114,6 +114,27 @@ def answer_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tup
     return ids, mask, labels
 
 
+def answer_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  labels: torch.Tensor) -> torch.Tensor:
+    """(n_answer_tokens, vocab) logits at the labelled positions only, in row-major order.
+
+    The 49K-way head runs only where an answer token is predicted: over every position it would cost
+    more than the whole LoRA path. Adapters apply if the caller is inside a ``lora_scope``.
+    """
+    device = model.get_input_embeddings().weight.device
+    hidden = model.get_decoder()(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+    ).last_hidden_state
+    return model.get_output_embeddings()(hidden[labels.to(device) != -100]).float()
+
+
+def per_row_mean(values: torch.Tensor, row_index: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Mean of per-token ``values`` within each row (``row_index`` says which row each token is in)."""
+    sums = values.new_zeros(n_rows).index_add_(0, row_index, values)
+    counts = values.new_zeros(n_rows).index_add_(0, row_index, torch.ones_like(values))
+    return sums / counts
+
+
 @dataclass(frozen=True)
 class TeacherTopK:
     """The teacher's top-k log-probabilities at every answer token, in the student's answer-token order."""
@@ -131,13 +152,7 @@ def teacher_top_k(model: PreTrainedModel, rows: TeacherRows, k: int) -> TeacherT
     Teacher-forced on the gold answer, so its positions line up one to one with the student's labels
     (no generation: sampling the teacher's own answers would cost more than the training step).
     """
-    device = model.get_input_embeddings().weight.device
-    labels = rows.labels.to(device)
-    hidden = model.get_decoder()(
-        input_ids=rows.input_ids.to(device), attention_mask=rows.attention_mask.to(device), use_cache=False
-    ).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[labels != -100]).float()
-    top = logits.topk(k, dim=-1)
+    top = answer_logits(model, rows.input_ids, rows.attention_mask, rows.labels).topk(k, dim=-1)
     return TeacherTopK(top.values.log_softmax(-1), top.indices)
 
 
@@ -175,23 +190,13 @@ def student_forward(
     per_row = stack_per_row([doc_weights[d] for d in batch.row_doc])
     labels = batch.labels.to(device)
     with lora_scope(model, per_row):
-        hidden = model.get_decoder()(
-            input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
-        ).last_hidden_state
+        logits = answer_logits(model, batch.input_ids, batch.attention_mask, labels)
     picked = labels != -100
-    # Logits only where an answer token is predicted: the 49K-way head over every position would
-    # cost more than the whole LoRA path.
-    logits = model.get_output_embeddings()(hidden[picked]).float()
-    token_loss = F.cross_entropy(logits, labels[picked], reduction="none")
-    row_index = picked.nonzero()[:, 0]
-    n_rows = labels.shape[0]
-    counts = torch.zeros(n_rows, device=device).index_add_(0, row_index, torch.ones_like(token_loss))
-    row_loss = torch.zeros(n_rows, device=device).index_add_(0, row_index, token_loss) / counts
+    row_index, n_rows = picked.nonzero()[:, 0], labels.shape[0]
+    row_loss = per_row_mean(F.cross_entropy(logits, labels[picked], reduction="none"), row_index, n_rows)
     kl = torch.zeros((), device=device)
     if teacher is not None:
-        token_kl = top_k_kl(logits, teacher)
-        kl = (torch.zeros(n_rows, device=device).index_add_(0, row_index, token_kl) / counts).mean()
-    correct = (logits.argmax(-1) == labels[picked]).float()
-    row_correct = torch.zeros(n_rows, device=device).index_add_(0, row_index, correct) / counts
+        kl = per_row_mean(top_k_kl(logits, teacher), row_index, n_rows).mean()
+    row_correct = per_row_mean((logits.argmax(-1) == labels[picked]).float(), row_index, n_rows)
     l1 = torch.stack([t.abs().mean() for pair in out.values() for t in pair]).mean()
     return StudentOutput(row_loss.mean(), kl, l1, row_correct.detach(), (row_correct.detach() == 1).float())

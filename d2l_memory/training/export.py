@@ -16,9 +16,8 @@ from d2l_memory.training.state import latest_state_dir
 logger = logging.getLogger(__name__)
 
 
-def training_compute(log_path: Path) -> dict[str, Any]:
-    """Steps and wall-clock seconds summed from a run's log.jsonl (pauses excluded)."""
-    records = read_log(log_path) if log_path.is_file() else []
+def training_compute(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Steps and wall-clock seconds summed from a run's log records (pauses excluded)."""
     seconds = sum(float(r.get("seconds", 0.0)) for r in records)
     return {"logged_steps": len(records), "train_step_hours": round(seconds / 3600, 3)}
 
@@ -42,7 +41,8 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, dtype: torch.dty
         raise CheckpointError(f"{run_dir}: no training state (expected {run_dir}/state)")
     module, meta = load_hypernet(state_dir)
     training = dict(meta.training)
-    training["compute"] = training_compute(run_dir / "log.jsonl")
+    log_path = run_dir / "log.jsonl"
+    training["compute"] = training_compute(read_log(log_path) if log_path.is_file() else [])
     if command:
         training["command"] = command
     saved = save_hypernet(out_dir, module, base_model_name=meta.base_model_name,

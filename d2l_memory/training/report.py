@@ -18,7 +18,7 @@ def training_markdown(run_dir: str | Path, checkpoint_dir: str | Path, command: 
     run_dir = Path(run_dir)
     records = read_log(run_dir / "log.jsonl")
     config = json.loads((run_dir / "train_config.json").read_text())
-    compute = training_compute(run_dir / "log.jsonl")
+    compute = training_compute(records)
     last = records[-1]["step"] if records else 0
     chunks = "1" if config["multi_chunk_prob"] == 0 else "1–" + str(config["max_chunks"])
     lines = [

@@ -56,11 +56,17 @@ def pad_chunks(chunks: Sequence[Sequence[int]], device: torch.device) -> tuple[t
 
 @torch.no_grad()
 def encode_chunks(
-    model: PreTrainedModel, chunks: Sequence[Sequence[int]], config: EncoderConfig, targets: Sequence[str]
+    model: PreTrainedModel,
+    chunks: Sequence[Sequence[int]],
+    config: EncoderConfig,
+    targets: Sequence[str],
+    autocast_dtype: torch.dtype | None = None,
 ) -> EncodedChunks:
     """Run the frozen model over a batch of chunks in one pass and collect activations.
 
-    Must be called outside any lora_scope: the encoder is the *base* model.
+    Must be called outside any lora_scope: the encoder is the *base* model. With ``autocast_dtype``
+    (e.g. ``torch.bfloat16``) the pass runs under autocast; activations come back in fp32 either way,
+    so the hypernetwork's own arithmetic does not change.
     """
     device = model.get_input_embeddings().weight.device
     ids, mask = pad_chunks(chunks, device)
@@ -86,11 +92,13 @@ def encode_chunks(
         for target in captured:
             handles.append(layer.get_submodule(target).register_forward_pre_hook(grab_key(target)))
     try:
-        model.get_decoder()(input_ids=ids, attention_mask=mask.long(), use_cache=False)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            model.get_decoder()(input_ids=ids, attention_mask=mask.long(), use_cache=False)
     except _EarlyExit:
         pass
     finally:
         for handle in handles:
             handle.remove()
-    keys = {t: torch.stack(v, dim=1) for t, v in captured.items()}  # (N, L, T, d_in)
-    return EncodedChunks(features=feature[0], keys=keys, input_ids=ids, mask=mask)
+    dtype = model.get_input_embeddings().weight.dtype
+    keys = {t: torch.stack(v, dim=1).to(dtype) for t, v in captured.items()}  # (N, L, T, d_in)
+    return EncodedChunks(features=feature[0].to(dtype), keys=keys, input_ids=ids, mask=mask)

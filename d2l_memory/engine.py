@@ -83,6 +83,7 @@ class MemoryEngine:
         generation: GenerationConfig = GenerationConfig(),
         chunk_batch_size: int = 8,
         hypernet_trained: bool = True,
+        encoder_autocast: torch.dtype | None = None,
     ) -> None:
         self.base = base
         self.hypernet_trained = hypernet_trained
@@ -92,6 +93,9 @@ class MemoryEngine:
         self.chunking = chunking
         self.generation = generation
         self.chunk_batch_size = chunk_batch_size
+        self.encoder_autocast = encoder_autocast
+        """Opt-in: run the frozen encoder pass under autocast (``torch.bfloat16`` on CPUs with bf16
+        units) to write memories faster; adapters then differ slightly from fp32 ones (bench column)."""
         self.layers_prefix = decoder_layers_prefix(base.model)
         self.affixes = user_turn_affixes(base.tokenizer)
         self._lock = threading.RLock()
@@ -109,6 +113,7 @@ class MemoryEngine:
         chunking: ChunkConfig = ChunkConfig(),
         generation: GenerationConfig = GenerationConfig(),
         home: Path | None = None,
+        encoder_autocast: torch.dtype | None = None,
     ) -> MemoryEngine:
         """Load a base model and a hypernetwork checkpoint (the shipped one by default), offline.
 
@@ -120,7 +125,8 @@ class MemoryEngine:
         if path is not None:
             module, meta = load_hypernet(path, expect_base_model=base.fingerprint, device=device)
             logger.info("Loaded hypernetwork %s from %s", meta.hypernet_id, path)
-            return cls(base, module, hypernet_id=meta.hypernet_id, chunking=chunking, generation=generation)
+            return cls(base, module, hypernet_id=meta.hypernet_id, chunking=chunking, generation=generation,
+                       encoder_autocast=encoder_autocast)
         logger.warning(
             "No trained hypernetwork for %r: using an UNTRAINED one (adapters are zero, answers equal the "
             "base model's). Train one with `d2l-memory train` or pass hypernet=PATH.",
@@ -180,7 +186,7 @@ class MemoryEngine:
         parts = []
         with self._lock, torch.inference_mode():
             for batch in tqdm(batches, desc="internalizing", unit="batch", disable=not show):
-                out = run_hypernet(self.model, self.hypernet, [chunks[i] for i in batch])
+                out = run_hypernet(self.model, self.hypernet, [chunks[i] for i in batch], self.encoder_autocast)
                 weights = gather_weights(out, self.layers_prefix, range(len(batch)))
                 parts.append(self._adapter(weights, [spans[i] for i in batch]))
         return MemoryAdapter.concat(parts)

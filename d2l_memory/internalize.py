@@ -13,10 +13,18 @@ from d2l_memory.hypernet import HyperLoRA, HyperOutput
 from d2l_memory.lora import LoraPair
 
 
-def run_hypernet(model: PreTrainedModel, hypernet: HyperLoRA, chunks: Sequence[Sequence[int]]) -> HyperOutput:
-    """One encoder pass and one hypernetwork pass over a batch of chunks (gradients flow to the hypernet)."""
+def run_hypernet(
+    model: PreTrainedModel,
+    hypernet: HyperLoRA,
+    chunks: Sequence[Sequence[int]],
+    encoder_autocast: torch.dtype | None = None,
+) -> HyperOutput:
+    """One encoder pass and one hypernetwork pass over a batch of chunks (gradients flow to the hypernet).
+
+    ``encoder_autocast`` runs only the frozen encoder pass in that dtype (see ``encode_chunks``).
+    """
     targets = [t.name for t in hypernet.cfg.targets]
-    encoded = encode_chunks(model, chunks, hypernet.cfg.encoder, targets)
+    encoded = encode_chunks(model, chunks, hypernet.cfg.encoder, targets, encoder_autocast)
     embeddings = model.get_input_embeddings().weight if ties_embeddings(model) else None
     return hypernet(encoded.features, encoded.input_ids, encoded.mask, encoded.keys or None, embeddings)
 

@@ -40,6 +40,16 @@ def test_chunk_batching_does_not_change_adapters() -> None:
         torch.testing.assert_close(a.weights[name][1], b.weights[name][1], rtol=1e-4, atol=1e-5)
 
 
+def test_bf16_encoder_writes_fp32_adapters_close_to_full_precision() -> None:
+    full, fast = tiny_engine(), tiny_engine()
+    fast.encoder_autocast = torch.bfloat16
+    a, b = full.internalize(DOC), fast.internalize(DOC)
+    for name in a.weights:
+        for ref, got in zip(a.weights[name], b.weights[name]):
+            assert got.dtype == torch.float32
+            assert 0 < ((got - ref).norm() / ref.norm()).item() < 0.05
+
+
 def test_a_memory_changes_the_models_predictions(engine: MemoryEngine) -> None:
     memory = engine.internalize(DOC)
     ids = torch.tensor([engine.tokenizer.encode("Where does Alice live?")])

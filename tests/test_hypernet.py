@@ -4,6 +4,7 @@ import torch
 
 from d2l_memory import EncoderConfig, HypernetConfig, TargetSpec
 from d2l_memory.hypernet import HyperLoRA, count_parameters
+from d2l_memory.encoder import encode_chunks
 from d2l_memory.internalize import run_hypernet
 from tiny import tiny_hypernet_config, tiny_model, tiny_tokenizer
 
@@ -71,3 +72,16 @@ def test_other_targets_by_config() -> None:
     out = run_hypernet(model, HyperLoRA(cfg), chunk_ids(["Alice lives in Paris."]))
     assert set(out) == {"mlp.down_proj", "self_attn.q_proj"}
     assert out["self_attn.q_proj"][0].shape[-1] == model.config.hidden_size
+
+
+def test_bf16_encoder_autocast_gives_fp32_activations_close_to_fp32() -> None:
+    model = tiny_model()
+    cfg = tiny_hypernet_config(model)
+    targets = [t.name for t in cfg.targets]
+    chunks = chunk_ids(["Alice lives in Paris.", "Bob likes teal and works as a baker."])
+    full = encode_chunks(model, chunks, cfg.encoder, targets)
+    half = encode_chunks(model, chunks, cfg.encoder, targets, autocast_dtype=torch.bfloat16)
+    assert half.features.dtype == torch.float32 and half.keys["mlp.down_proj"].dtype == torch.float32
+    for ref, got in ((full.features, half.features), (full.keys["mlp.down_proj"], half.keys["mlp.down_proj"])):
+        relative = (got - ref).norm() / ref.norm()
+        assert 0 < relative < 0.05  # bf16 really ran (not bit-identical), and stayed close

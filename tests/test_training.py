@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -15,7 +16,7 @@ from d2l_memory.training import vocab
 from d2l_memory.training.config import TrainConfig
 from d2l_memory.training.synth import DOMAINS, make_sample, mixed_sample
 from d2l_memory.training.batch import TeacherTopK, student_forward, teacher_top_k, top_k_kl
-from d2l_memory.training.trainer import Trainer
+from d2l_memory.training.trainer import Trainer, lr_factor
 from tiny import tiny_base
 
 TESTS = Path(__file__).parent
@@ -82,6 +83,25 @@ def test_tiny_training_run_lowers_the_loss(tmp_path: Path) -> None:
     after = fixed_loss()
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 40
     assert after < before - 0.2, (before, after)
+
+
+def test_warm_restart_schedule_counts_from_schedule_start(tmp_path: Path) -> None:
+    single = tiny_config(tmp_path, steps=100, warmup_steps=10)
+    restart = tiny_config(tmp_path, steps=160, warmup_steps=10, schedule_start=60)
+    # The restarted cycle is the single one shifted by 60 steps: same warm-up, same cosine.
+    for step in (0, 5, 9, 10, 50, 99):
+        assert lr_factor(step + 60, restart) == lr_factor(step, single)
+    assert lr_factor(9, single) == 1.0 and lr_factor(99, single) < 0.11
+
+
+def test_bad_schedule_or_autocast_fails_at_load(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="schedule_start"):
+        tiny_config(tmp_path, steps=10, schedule_start=10)
+    with pytest.raises(ValueError, match="encoder_autocast 'int8'"):
+        tiny_config(tmp_path, steps=10, encoder_autocast="int8")
+    with pytest.raises(ValueError, match="encoder_autocast 'no_such'"):
+        tiny_config(tmp_path, steps=10, encoder_autocast="no_such")
+    assert tiny_config(tmp_path, steps=10, encoder_autocast="bfloat16").encoder_dtype() == torch.bfloat16
 
 
 def test_top_k_kl_is_zero_only_where_student_matches_teacher() -> None:

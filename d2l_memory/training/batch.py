@@ -182,10 +182,11 @@ def student_forward(
     batch: MicroBatch,
     doc_weights_override: Sequence[dict] | None = None,
     teacher: TeacherTopK | None = None,
+    encoder_autocast: torch.dtype | None = None,
 ) -> StudentOutput:
     """Make each document's adapter, apply per row, and score the answer tokens (and KL to ``teacher``)."""
     device = model.get_input_embeddings().weight.device
-    out = run_hypernet(model, hypernet, batch.chunks)
+    out = run_hypernet(model, hypernet, batch.chunks, encoder_autocast)
     doc_weights = doc_weights_override or [gather_weights(out, layers_prefix, rows) for rows in batch.doc_chunks]
     per_row = stack_per_row([doc_weights[d] for d in batch.row_doc])
     labels = batch.labels.to(device)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -27,6 +29,9 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr · min_lr_ratio."""
+    schedule_start: int = 0
+    """Step at which the current warm-up + cosine cycle begins. A run continued past its first cosine
+    sets this to the step it resumes from (a warm restart); 0 is a single cycle from the start."""
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ce_weight: float = 1.0
@@ -53,6 +58,9 @@ class TrainConfig:
     """See EncoderConfig.feature_layer."""
     target_keys: bool = True
     """See EncoderConfig.target_keys."""
+    encoder_autocast: str | None = None
+    """Run the frozen encoder pass under autocast to this dtype ("bfloat16"), ``None`` for full
+    precision. Only the encoder (no gradients) is affected; the student pass stays fp32."""
     checkpoint_every: int = 50
     eval_every: int = 100
     eval_docs: int = 48
@@ -73,7 +81,20 @@ class TrainConfig:
         data = dict(data)
         if "targets" in data:
             data["targets"] = tuple(data["targets"])
-        return cls(**data)
+        cfg = cls(**data)
+        cfg.encoder_dtype()  # fail at load, not an hour into the run
+        if cfg.schedule_start < 0 or cfg.schedule_start >= cfg.steps:
+            raise ValueError(f"schedule_start {cfg.schedule_start} must lie in 0..steps-1 ({cfg.steps - 1})")
+        return cfg
+
+    def encoder_dtype(self) -> torch.dtype | None:
+        """``encoder_autocast`` as a torch dtype; a typed error names the bad value."""
+        if self.encoder_autocast is None:
+            return None
+        dtype = getattr(torch, self.encoder_autocast, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"encoder_autocast {self.encoder_autocast!r} is not a torch floating dtype, e.g. 'bfloat16'")
+        return dtype
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:

@@ -28,10 +28,12 @@ logger = logging.getLogger(__name__)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
+    """Linear warm-up, then cosine decay to ``min_lr_ratio``, counted from ``schedule_start``."""
+    step -= cfg.schedule_start
     if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return (max(0, step) + 1) / cfg.warmup_steps
+    span = cfg.steps - cfg.schedule_start - cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, span))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -54,6 +56,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.base = base or load_base_model(cfg.base_model, device=cfg.device)
+        self.encoder_dtype = cfg.encoder_dtype()
         self.run_dir = Path(cfg.out_dir)
         self.layers_prefix = decoder_layers_prefix(self.base.model)
         self.affixes = user_turn_affixes(self.base.tokenizer)
@@ -102,7 +105,8 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             batch = self.microbatch(self.step, micro)
             teacher = teacher_top_k(self.base.model, batch.teacher, cfg.teacher_top_k) if batch.teacher else None
-            out = student_forward(self.base.model, self.hypernet, self.layers_prefix, batch, teacher=teacher)
+            out = student_forward(self.base.model, self.hypernet, self.layers_prefix, batch, teacher=teacher,
+                                  encoder_autocast=self.encoder_dtype)
             loss = cfg.ce_weight * out.loss + cfg.kl_weight * out.kl + cfg.l1_weight * out.l1
             (loss / cfg.grad_accum).backward()
             totals["loss"] += out.loss.item() / cfg.grad_accum

@@ -64,6 +64,8 @@ class Doc:
     memory: MemoryAdapter | None = None
     tokens: int = 0
     needle_depth: float | None = None
+    needle_target_tokens: int | None = None
+    """The length a needle document was cut to (its token count varies a little around it)."""
     distilled: MemoryAdapter | None = None
 
 
@@ -86,7 +88,7 @@ def build_docs(engine: MemoryEngine, cfg: EvalConfig) -> list[Doc]:
             rng = random.Random(f"eval/{cfg.seed}/needle/{n_tokens}/{depth}")
             text, qas = needle_document(rng, "test", n_chars=int(n_tokens * 4.2), depth=depth)
             sample = Sample(f"test-needle-{n_tokens}-{depth}", "needle", text, tuple(qas))
-            docs.append(Doc(sample, list(qas), needle_depth=depth))
+            docs.append(Doc(sample, list(qas), needle_depth=depth, needle_target_tokens=n_tokens))
     for doc in docs:
         doc.tokens = len(engine.tokenizer.encode(doc.sample.text, add_special_tokens=False))
     return docs
@@ -177,6 +179,7 @@ def run_eval(engine: MemoryEngine, cfg: EvalConfig = EvalConfig(), progress: boo
 def _score(doc: Doc, qa: QA, mode: str, answer: str) -> dict[str, Any]:
     return {
         "doc": doc.sample.sample_id, "domain": doc.sample.domain, "tokens": doc.tokens, "depth": doc.needle_depth,
+        "target_tokens": doc.needle_target_tokens,
         "mode": mode, "question": qa.question, "gold": qa.answer, "answer": answer, "kind": qa.kind,
         "value_class": qa.value_class, "open_value": qa.open_value, "distilled_doc": doc.distilled is not None,
         "contains": contains_match(answer, qa.answer), "exact": exact_match(answer, qa.answer),
@@ -210,7 +213,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             "by_domain": _group(rows, lambda r: r["domain"]),
             "facts_by_value": _group(facts, lambda r: "unseen values" if r["open_value"] else "closed-set values"),
             "by_value_class": _group(docs_rows, lambda r: r["value_class"]),
-            "needle_by_length": _group([r for r in rows if r["domain"] == "needle"], lambda r: r["tokens"]),
+            "needle_by_length": _group([r for r in rows if r["domain"] == "needle"], lambda r: r["target_tokens"]),
             "needle_by_depth": _group([r for r in rows if r["domain"] == "needle"], lambda r: r["depth"]),
             "distill_subset": _group([r for r in rows if r["distilled_doc"]], lambda r: "subset"),
         }

@@ -49,7 +49,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
         )
     lengths = sorted({k for m in NEEDLE_MODES for k in s.get(m, {}).get("needle_by_length", {})}, key=int)
     if lengths:
-        lines += ["", "Needle in a haystack (essays; contains-match by document length in tokens, all depths):", "",
+        lines += ["", "Needle in a haystack (essays; contains-match by the length in tokens each document was cut to, "
+                  "three depths each):", "",
                   "| mode | " + " | ".join(lengths) + " |", "|---|" + "---|" * len(lengths)]
         for mode in NEEDLE_MODES:
             if mode in s:

@@ -211,3 +211,13 @@ def test_training_record_lists_every_held_out_check(tmp_path: Path) -> None:
     text = training_markdown(tmp_path / "run", tmp_path / "ckpt", "d2l-memory export-checkpoint run ckpt")
     table = [line for line in text.splitlines() if line.startswith("| 2 |") or line.startswith("| 4 |")]
     assert len(table) == 2 and "4 optimizer steps" in text
+    assert "cosine to ×0.1 over 4 steps" in text and "conversation 0.3, facts 0.5, tool 0.2" in text
+
+
+def test_training_record_names_a_warm_restart(tmp_path: Path) -> None:
+    from d2l_memory.training.report import training_markdown
+
+    cfg = tiny_config(tmp_path / "run", steps=4, eval_every=2, schedule_start=2, encoder_autocast="bfloat16")
+    Trainer(cfg, base=tiny_base()).run(progress=False)
+    text = training_markdown(tmp_path / "run", tmp_path / "ckpt", "d2l-memory export-checkpoint run ckpt")
+    assert "warm restart at step 2" in text and "encoder pass in bfloat16" in text

@@ -14,6 +14,19 @@ def _window_mean(records: list[dict[str, Any]], key: str, end: int, width: int) 
     return sum(window) / len(window) if window else float("nan")
 
 
+def _schedule(config: dict[str, Any]) -> str:
+    start = config.get("schedule_start", 0)
+    cycle = f"warm-up {config['warmup_steps']}, cosine to ×{config['min_lr_ratio']}"
+    if start:
+        return f"warm restart at step {start}: {cycle} by step {config['steps']}"
+    return f"{cycle} over {config['steps']} steps"
+
+
+def _mix(config: dict[str, Any]) -> str:
+    weights = config.get("domain_weights", {})
+    return ", ".join(f"{name} {weight:g}" for name, weight in weights.items()) or "default"
+
+
 def training_markdown(run_dir: str | Path, checkpoint_dir: str | Path, command: str, plot_path: str | None = None) -> str:
     run_dir = Path(run_dir)
     records = read_log(run_dir / "log.jsonl")
@@ -30,11 +43,13 @@ def training_markdown(run_dir: str | Path, checkpoint_dir: str | Path, command: 
         f"`d2l-memory train configs/{Path(config['out_dir']).name}.json` (resumes from `{config['out_dir']}/state`).",
         "",
         f"Recipe: {config['docs_per_step']} documents × {config['questions_per_doc']} questions per step, "
-        f"lr {config['lr']} (warm-up {config['warmup_steps']}, cosine to ×{config['min_lr_ratio']} over {config['steps']} steps), "
+        f"lr {config['lr']} ({_schedule(config)}), "
         f"rank {config['rank']} per chunk on {', '.join(config['targets'])} of every layer, "
         f"{chunks} chunks per document, "
         f"loss = {config.get('ce_weight', 1.0)}·CE(gold) + {config.get('kl_weight', 0.0)}·KL(teacher top-{config.get('teacher_top_k', 16)}) "
-        f"+ {config['l1_weight']}·L1.",
+        f"+ {config['l1_weight']}·L1; documents by domain {_mix(config)}; "
+        f"encoder pass in {config.get('encoder_autocast') or 'float32'}. "
+        "These are the settings of the run's latest segment.",
         "",
         "| steps | train CE (mean of last 25) | train token acc | held-out exact, own adapter | held-out exact, wrong doc's adapter | held-out token acc, own | held-out token acc, wrong |",
         "|---|---|---|---|---|---|---|",

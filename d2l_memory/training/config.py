@@ -64,7 +64,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     eval_every: int = 100
     eval_docs: int = 48
-    """Held-out documents scored (teacher-forced) at each evaluation."""
+    """Held-out documents scored (teacher-forced) at each evaluation. They are drawn with
+    ``domain_weights``, so a run that changes its mix also changes this set: compare held-out rows
+    across such a change only after re-scoring the older state on the new set."""
     device: str = "cpu"
     threads: int | None = None
     """torch intra-op threads; None keeps torch's default."""

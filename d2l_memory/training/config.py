@@ -83,11 +83,13 @@ class TrainConfig:
         data = dict(data)
         if "targets" in data:
             data["targets"] = tuple(data["targets"])
-        cfg = cls(**data)
-        cfg.encoder_dtype()  # fail at load, not an hour into the run
-        if cfg.schedule_start < 0 or cfg.schedule_start >= cfg.steps:
-            raise ValueError(f"schedule_start {cfg.schedule_start} must lie in 0..steps-1 ({cfg.steps - 1})")
-        return cfg
+        return cls(**data)
+
+    def __post_init__(self) -> None:
+        # Fail when the config is made, not an hour into the run.
+        self.encoder_dtype()
+        if not 0 <= self.schedule_start < self.steps:
+            raise ValueError(f"schedule_start {self.schedule_start} must lie in 0..steps-1 ({self.steps - 1})")
 
     def encoder_dtype(self) -> torch.dtype | None:
         """``encoder_autocast`` as a torch dtype; a typed error names the bad value."""

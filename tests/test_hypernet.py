@@ -3,8 +3,8 @@ from __future__ import annotations
 import torch
 
 from d2l_memory import EncoderConfig, HypernetConfig, TargetSpec
-from d2l_memory.hypernet import HyperLoRA, count_parameters
 from d2l_memory.encoder import encode_chunks
+from d2l_memory.hypernet import HyperLoRA, count_parameters
 from d2l_memory.internalize import run_hypernet
 from tiny import tiny_hypernet_config, tiny_model, tiny_tokenizer
 

@@ -56,7 +56,6 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.base = base or load_base_model(cfg.base_model, device=cfg.device)
-        self.encoder_dtype = cfg.encoder_dtype()
         self.run_dir = Path(cfg.out_dir)
         self.layers_prefix = decoder_layers_prefix(self.base.model)
         self.affixes = user_turn_affixes(self.base.tokenizer)
@@ -106,7 +105,7 @@ class Trainer:
             batch = self.microbatch(self.step, micro)
             teacher = teacher_top_k(self.base.model, batch.teacher, cfg.teacher_top_k) if batch.teacher else None
             out = student_forward(self.base.model, self.hypernet, self.layers_prefix, batch, teacher=teacher,
-                                  encoder_autocast=self.encoder_dtype)
+                                  encoder_autocast=cfg.encoder_dtype())
             loss = cfg.ce_weight * out.loss + cfg.kl_weight * out.kl + cfg.l1_weight * out.l1
             (loss / cfg.grad_accum).backward()
             totals["loss"] += out.loss.item() / cfg.grad_accum

@@ -166,6 +166,8 @@ def top_k_kl(student_logits: torch.Tensor, teacher: TeacherTopK) -> torch.Tensor
 class StudentOutput:
     loss: torch.Tensor
     """Mean cross-entropy over answer tokens (per row, then over rows)."""
+    row_loss: torch.Tensor
+    """(Q,) mean cross-entropy over each row's answer tokens, detached."""
     kl: torch.Tensor
     """Mean top-k KL to the teacher, the same way; 0 without a teacher."""
     l1: torch.Tensor
@@ -200,4 +202,4 @@ def student_forward(
         kl = per_row_mean(top_k_kl(logits, teacher), row_index, n_rows).mean()
     row_correct = per_row_mean((logits.argmax(-1) == labels[picked]).float(), row_index, n_rows)
     l1 = torch.stack([t.abs().mean() for pair in out.values() for t in pair]).mean()
-    return StudentOutput(row_loss.mean(), kl, l1, row_correct.detach(), (row_correct.detach() == 1).float())
+    return StudentOutput(row_loss.mean(), row_loss.detach(), kl, l1, row_correct.detach(), (row_correct.detach() == 1).float())

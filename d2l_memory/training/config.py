@@ -90,6 +90,8 @@ class TrainConfig:
         self.encoder_dtype()
         if not 0 <= self.schedule_start < self.steps:
             raise ValueError(f"schedule_start {self.schedule_start} must lie in 0..steps-1 ({self.steps - 1})")
+        if self.eval_docs < 2:
+            raise ValueError(f"eval_docs {self.eval_docs} must be at least 2: each held-out document is another's control")
 
     def encoder_dtype(self) -> torch.dtype | None:
         """``encoder_autocast`` as a torch dtype; a typed error names the bad value."""

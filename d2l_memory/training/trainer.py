@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from d2l_memory.hypernet import HyperLoRA, count_parameters
 from d2l_memory.training.batch import MicroBatch, build_microbatch, student_forward, teacher_top_k
 from d2l_memory.training.config import TrainConfig
 from d2l_memory.training.state import latest_state_dir, load_training_state, save_training_state
-from d2l_memory.training.synth import Sample, mixed_sample
+from d2l_memory.training.synth import QA, Sample, mixed_sample
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,19 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 @dataclass(frozen=True)
+class HeldOutRow:
+    """One held-out question, teacher-forced: share of answer tokens that are the argmax."""
+
+    qa: QA
+    own_token_acc: float
+    """With its own document's adapter."""
+    wrong_token_acc: float
+    """With another document's adapter (the control)."""
+    own_loss: float
+    """Mean cross-entropy over its answer tokens, own adapter."""
+
+
+@dataclass(frozen=True)
 class HeldOutScore:
     own_exact: float
     """Teacher-forced: share of questions whose answer tokens are all argmax, with their document's adapter."""
@@ -46,6 +60,19 @@ class HeldOutScore:
     own_token_acc: float
     wrong_token_acc: float
     loss: float
+
+    @classmethod
+    def of(cls, rows: Sequence[HeldOutRow]) -> HeldOutScore:
+        if not rows:
+            raise ValueError("no held-out questions to score")
+        mean = lambda values: sum(values) / len(rows)  # noqa: E731
+        return cls(
+            own_exact=mean(float(r.own_token_acc == 1.0) for r in rows),
+            wrong_exact=mean(float(r.wrong_token_acc == 1.0) for r in rows),
+            own_token_acc=mean(r.own_token_acc for r in rows),
+            wrong_token_acc=mean(r.wrong_token_acc for r in rows),
+            loss=mean(r.own_loss for r in rows),
+        )
 
 
 class Trainer:
@@ -119,28 +146,36 @@ class Trainer:
         return {**totals, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]}
 
     @torch.no_grad()
-    def held_out(self) -> HeldOutScore:
-        """Teacher-forced accuracy on fixed held-out documents, own adapter vs a wrong document's."""
+    def held_out_rows(self, samples: Sequence[Sample]) -> list[HeldOutRow]:
+        """Teacher-forced scores of every question of ``samples`` (one chunk each), own adapter vs the next
+        document's adapter. Documents go in near-equal groups of at most 8, each the other's control."""
+        if len(samples) < 2:
+            raise ValueError("held-out scoring needs at least two documents (one is the other's control)")
         self.hypernet.eval()
-        own, wrong = [], []
-        losses = []
-        step = 8
-        for start in range(0, self.cfg.eval_docs, step):
-            samples = self.samples("test", start, min(step, self.cfg.eval_docs - start))
+        rows: list[HeldOutRow] = []
+        n_groups = -(-len(samples) // 8)
+        bounds = [round(i * len(samples) / n_groups) for i in range(n_groups + 1)]
+        for start, end in zip(bounds, bounds[1:]):
+            group = samples[start:end]
             rng = random.Random(f"{self.cfg.seed}/eval/{start}")
-            batch = build_microbatch(samples, self.base.tokenizer, self.affixes, rng, questions_per_doc=4,
+            batch = build_microbatch(group, self.base.tokenizer, self.affixes, rng, questions_per_doc=4,
                                      multi_chunk_prob=0.0, max_chunks=1)
-            out = student_forward(self.base.model, self.hypernet, self.layers_prefix, batch)
-            own.append(out)
-            losses.append(out.loss.item())
-            shifted = [(d + 1) % len(samples) for d in batch.row_doc]
+            own = student_forward(self.base.model, self.hypernet, self.layers_prefix, batch)
+            shifted = [(d + 1) % len(group) for d in batch.row_doc]
             swapped = MicroBatch(batch.chunks, batch.doc_chunks, shifted, batch.input_ids, batch.attention_mask,
                                  batch.labels, batch.qas)
-            wrong.append(student_forward(self.base.model, self.hypernet, self.layers_prefix, swapped))
+            wrong = student_forward(self.base.model, self.hypernet, self.layers_prefix, swapped)
+            rows += [
+                HeldOutRow(qa, float(own.token_correct[i]), float(wrong.token_correct[i]), float(own.row_loss[i]))
+                for i, qa in enumerate(batch.qas)
+            ]
         self.hypernet.train()
-        cat = lambda outs, field: torch.cat([getattr(o, field) for o in outs]).mean().item()  # noqa: E731
-        return HeldOutScore(cat(own, "answer_exact"), cat(wrong, "answer_exact"), cat(own, "token_correct"),
-                            cat(wrong, "token_correct"), sum(losses) / len(losses))
+        return rows
+
+    def held_out(self) -> HeldOutScore:
+        """Teacher-forced accuracy on the run's fixed held-out documents, own adapter vs a wrong document's."""
+        rows = self.held_out_rows(self.samples("test", 0, self.cfg.eval_docs))
+        return HeldOutScore.of(rows)
 
     def run(self, progress: bool = True) -> None:
         cfg = self.cfg

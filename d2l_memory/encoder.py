@@ -84,6 +84,10 @@ def encode_chunks(
     def grab_key(target: str):  # noqa: ANN202 - hook factory
         def hook(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             captured[target].append(inputs[0])
+            # Nothing after the last layer's last target input is used (the rest of that layer,
+            # the final norm): stop there.
+            if feature and all(len(v) == len(layers) for v in captured.values()):
+                raise _EarlyExit
 
         return hook
 

@@ -126,9 +126,12 @@ class LoraHead(nn.Module):
         z = self.norm(torch.cat([flat, pointer @ ctx], -1)).view(n, n_layers, r, 2 * w)
         a = F.normalize(self.to_a(z), dim=-1)
         if keys is not None:
-            valid = mask[:, None, :, None].to(keys.dtype)
-            centred = keys - (keys * valid).sum(2, keepdim=True) / valid.sum(2, keepdim=True)
-            key = pointer.view(n, n_layers, r, t) @ centred  # (N, L, r, d_in)
+            # The pointed key, centred over the chunk. The pointer sums to 1 over real tokens, so
+            # pointer @ (keys - mean) = pointer @ keys - mean: two batched matmuls, and no centred
+            # copy of the (N, L, T, d_in) keys, the largest tensor of the whole pass.
+            valid = mask.to(keys.dtype)[:, None, None, :]  # (N, 1, 1, T)
+            mean = (valid @ keys) / valid.sum(-1, keepdim=True)  # (N, L, 1, d_in)
+            key = pointer.view(n, n_layers, r, t) @ keys - mean  # (N, L, r, d_in)
             key = F.normalize(key * self.key_scale[None, :, None, :], dim=-1)
             mix = torch.sigmoid(self.key_mix)[None, :, :, None]  # (1, L, 1, 1)
             a = F.normalize(mix * key + (1 - mix) * a, dim=-1)

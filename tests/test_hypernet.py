@@ -57,6 +57,25 @@ def test_early_exit_encoder_without_keys_works() -> None:
     assert a.shape[1] == 3
 
 
+def test_keys_are_each_layers_target_input_and_the_pass_stops_after_the_last() -> None:
+    model = tiny_model(layers=3)
+    ids = chunk_ids(["Alice lives in Paris.", "Bob likes teal."])
+    expected: list[torch.Tensor] = []
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(lambda _m, args: expected.append(args[0]))
+               for layer in model.model.layers]
+    norm_calls: list[int] = []
+    handles.append(model.model.norm.register_forward_hook(lambda *_: norm_calls.append(1)))
+    with torch.no_grad():
+        model.model(input_ids=torch.tensor([ids[0][:4], ids[1][:4]]))
+    assert norm_calls == [1]
+    encoded = encode_chunks(model, [c[:4] for c in ids], EncoderConfig(feature_layer=1), ["mlp.down_proj"])
+    for handle in handles:
+        handle.remove()
+    # The encoder's own pass ran every down_proj pre-hook (3 more captures) but not the final norm.
+    assert len(expected) == 6 and norm_calls == [1]
+    torch.testing.assert_close(encoded.keys["mlp.down_proj"], torch.stack(expected[:3], dim=1))
+
+
 def test_default_model_sized_hypernet_stays_under_20m_parameters() -> None:
     # SmolLM2-135M: 30 layers, hidden 576, down_proj 1536 -> 576.
     cfg = HypernetConfig(base_hidden_size=576, num_layers=30, targets=(TargetSpec("mlp.down_proj", 1536, 576),))

@@ -44,6 +44,17 @@ class HypernetMeta:
         """Short identity recorded in every adapter this hypernetwork makes."""
         return f"hn-{self.weights_sha256[:16]}"
 
+    @property
+    def trained_encoder_autocast(self) -> torch.dtype | None:
+        """The dtype its training ran the frozen encoder pass in (``None``: full precision, or not recorded)."""
+        name = self.training.get("train_config", {}).get("encoder_autocast")
+        if name is None:
+            return None
+        dtype = getattr(torch, str(name), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise CheckpointError(f"checkpoint records an unknown encoder dtype {name!r}")
+        return dtype
+
 
 def hypernet_id_of(module: HyperLoRA) -> str:
     """Identity of in-memory weights (e.g. an untrained network): hash of its state dict."""

@@ -35,9 +35,11 @@ def test_chunk_batching_does_not_change_adapters() -> None:
     one_by_one, together = tiny_engine(), tiny_engine()
     one_by_one.chunk_batch_size = 1
     a, b = one_by_one.internalize(DOC), together.internalize(DOC)
+    # Equal up to float rounding: padding changes how the matmuls block, and the pointed key is centred
+    # after its matmul (pointer @ keys - mean), which rounds a little differently from centring first.
     for name in a.weights:
-        torch.testing.assert_close(a.weights[name][0], b.weights[name][0], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(a.weights[name][1], b.weights[name][1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.weights[name][0], b.weights[name][0], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(a.weights[name][1], b.weights[name][1], rtol=1e-3, atol=1e-4)
 
 
 def test_bf16_encoder_writes_fp32_adapters_close_to_full_precision() -> None:
@@ -136,6 +138,23 @@ def test_from_pretrained_with_a_local_model_and_checkpoint(tmp_path: Path) -> No
     path = memory.save(tmp_path / "mem.safetensors")
     again = MemoryAdapter.load(path, expect_base_model=engine.base_model_id, expect_hypernet=engine.hypernet_id)
     assert engine.generate("Where does Alice live?", memory=again) == engine.generate("Where does Alice live?", memory=memory)
+
+
+def test_the_encoder_pass_runs_in_the_dtype_the_checkpoint_was_trained_with(tmp_path: Path) -> None:
+    model_dir = save_tiny_model(tmp_path / "model")
+    base = tiny_base(0)
+    net = tiny_hypernet(base.model)
+    for name, recorded in (("bf16", "bfloat16"), ("fp32", None), ("bad", "int8")):
+        save_hypernet(tmp_path / name, net, base_model_name="tiny", base_model_fingerprint=base.fingerprint,
+                      training={"train_config": {"encoder_autocast": recorded}})
+    assert MemoryEngine.from_pretrained(str(model_dir), tmp_path / "bf16").encoder_autocast == torch.bfloat16
+    assert MemoryEngine.from_pretrained(str(model_dir), tmp_path / "fp32").encoder_autocast is None
+    assert MemoryEngine.from_pretrained(str(model_dir), tmp_path / "bf16", encoder_autocast=None).encoder_autocast is None
+    with pytest.raises(CheckpointError, match="unknown encoder dtype 'int8'"):
+        MemoryEngine.from_pretrained(str(model_dir), tmp_path / "bad")
+    # A checkpoint without a training record (saved by hand) runs the encoder in full precision.
+    save_hypernet(tmp_path / "plain", net, base_model_name="tiny", base_model_fingerprint=base.fingerprint)
+    assert MemoryEngine.from_pretrained(str(model_dir), tmp_path / "plain").encoder_autocast is None
 
 
 def test_a_checkpoint_for_another_base_model_is_refused(tmp_path: Path) -> None:

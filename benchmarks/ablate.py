@@ -1,6 +1,7 @@
 """Short meta-training ablations, each scored on the same held-out documents with the own-vs-wrong control.
 
     python benchmarks/ablate.py configs/ablations.json --variant NAME   # train (or resume) one, then score it
+    python benchmarks/ablate.py configs/ablations.json --score-run RUN_DIR [--name N] [--encoder-autocast bfloat16]
     python benchmarks/ablate.py configs/ablations.json --report [--benchmarks]
 
 The spec file holds a ``base`` training config, the ``steps`` every variant trains from scratch, the
@@ -9,20 +10,23 @@ held-out ``score`` set, and ``variants``: name → overrides of the base config.
 scored variant. The score set is fixed across variants (it does not follow a variant's domain mix), so
 rows compare: teacher-forced answer-token accuracy and exact answers on held-out fact documents, split
 into values drawn from closed sets seen in training and values never seen in training, with another
-document's adapter as the control, and on held-out conversations.
+document's adapter as the control, and on held-out conversations. ``--score-run`` adds a saved run
+(e.g. the shipped one) as a reference row, with its encoder pass in fp32 or bf16.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from d2l_memory.base_model import LoadedBaseModel
 from d2l_memory.training.config import TrainConfig
@@ -52,36 +56,56 @@ def summarise(rows: Sequence[HeldOutRow]) -> dict[str, Any]:
     return {"n": len(rows), **HeldOutScore.of(rows).__dict__} if rows else {"n": 0}
 
 
-def run_variant(spec: dict[str, Any], name: str, root: Path = ROOT,
-                base: LoadedBaseModel | None = None) -> dict[str, Any]:
-    cfg = variant_config(spec, name, root)
-    trainer = Trainer(cfg, base=base)
-    started = time.perf_counter()
-    trainer.run(progress=sys.stderr.isatty())
-    log = [json.loads(line) for line in (Path(cfg.out_dir) / "log.jsonl").read_text().splitlines()]
+def score(trainer: Trainer, spec: dict[str, Any], encoder_autocast: torch.dtype | None = None) -> dict[str, Any]:
+    """Scores of the trainer's current hypernetwork on the spec's fixed held-out set, by group."""
     groups: dict[str, Sequence[HeldOutRow]] = {}
-    for domain, samples in score_set(spec, cfg.seed).items():
-        rows = trainer.held_out_rows(samples)
+    for domain, samples in score_set(spec, trainer.cfg.seed).items():
+        rows = trainer.held_out_rows(samples, encoder_autocast)
         groups[domain] = rows
         if domain == "facts":
             groups["facts, closed-set values"] = [r for r in rows if not r.qa.open_value]
             groups["facts, unseen values"] = [r for r in rows if r.qa.open_value]
-    result = {
-        "variant": name,
-        "overrides": spec["variants"][name],
-        "steps": trainer.step,
-        "median_step_seconds": statistics.median(r["seconds"] for r in log),
-        "step_hours": sum(r["seconds"] for r in log) / 3600,
-        "wall_seconds_this_call": time.perf_counter() - started,
-        "scores": {group: summarise(rows) for group, rows in groups.items()},
-    }
+    return {group: summarise(rows) for group, rows in groups.items()}
+
+
+def step_times(run_dir: Path) -> dict[str, float]:
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return {"median_step_seconds": statistics.median(r["seconds"] for r in log),
+            "step_hours": sum(r["seconds"] for r in log) / 3600}
+
+
+def run_variant(spec: dict[str, Any], name: str, root: Path = ROOT,
+                base: LoadedBaseModel | None = None) -> dict[str, Any]:
+    cfg = variant_config(spec, name, root)
+    trainer = Trainer(cfg, base=base)
+    trainer.run(progress=sys.stderr.isatty())
+    result = {"variant": name, "overrides": spec["variants"][name], "steps": trainer.step,
+              **step_times(Path(cfg.out_dir)), "scores": score(trainer, spec)}
     (Path(cfg.out_dir) / "score.json").write_text(json.dumps(result, indent=2))
     return result
 
 
+def score_saved_run(spec: dict[str, Any], run_dir: Path, name: str, encoder_autocast: str | None,
+                    root: Path = ROOT, base: LoadedBaseModel | None = None) -> dict[str, Any]:
+    """Score an existing run's latest state (e.g. the shipped one) on the same set, as a reference row."""
+    saved = TrainConfig.from_file(run_dir / "train_config.json")
+    cfg = dataclasses.replace(saved, out_dir=str(run_dir), threads=spec["base"].get("threads"))
+    trainer = Trainer(cfg, base=base)
+    dtype = TrainConfig.from_dict({**spec["base"], "encoder_autocast": encoder_autocast}).encoder_dtype()
+    note = f"saved run {run_dir}, encoder {encoder_autocast or 'float32'}"
+    result = {"variant": name, "overrides": {"reference": note}, "steps": trainer.step, **step_times(run_dir),
+              "scores": score(trainer, spec, dtype)}
+    (root / name).mkdir(parents=True, exist_ok=True)
+    (root / name / "score.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 def report(spec: dict[str, Any], root: Path = ROOT) -> str:
+    # The spec's variants in its order, then reference rows (saved runs scored with --score-run).
+    names = list(spec["variants"]) + sorted(p.parent.name for p in root.glob("*/score.json")
+                                            if p.parent.name not in spec["variants"])
     results = [json.loads((root / name / "score.json").read_text())
-               for name in spec["variants"] if (root / name / "score.json").exists()]
+               for name in names if (root / name / "score.json").exists()]
     groups = sorted({g for r in results for g in r["scores"]}, key=lambda g: (g.split(",")[0], g))
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     lines = [f"{spec['steps']} steps from scratch each; scored teacher-forced on "
@@ -107,12 +131,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--variant", help="train (resuming if killed) and score this variant")
     what.add_argument("--report", action="store_true", help="tabulate every scored variant")
+    what.add_argument("--score-run", type=Path, metavar="RUN_DIR",
+                      help="score a saved run's latest state on the same set (a reference row)")
+    parser.add_argument("--name", help="with --score-run: the row's name (default: the run folder's name)")
+    parser.add_argument("--encoder-autocast", default=None, help="with --score-run: e.g. bfloat16 (default fp32)")
     parser.add_argument("--benchmarks", action="store_true", help="with --report: write the table into BENCHMARKS.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     spec = json.loads(args.spec.read_text())
-    if args.variant:
-        result = run_variant(spec, args.variant)
+    if args.variant or args.score_run:
+        result = (run_variant(spec, args.variant) if args.variant else
+                  score_saved_run(spec, args.score_run, args.name or args.score_run.name, args.encoder_autocast))
         print(json.dumps(result["scores"], indent=2))
         return 0
     table = report(spec)

@@ -146,9 +146,10 @@ class Trainer:
         return {**totals, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]}
 
     @torch.no_grad()
-    def held_out_rows(self, samples: Sequence[Sample]) -> list[HeldOutRow]:
+    def held_out_rows(self, samples: Sequence[Sample], encoder_autocast: torch.dtype | None = None) -> list[HeldOutRow]:
         """Teacher-forced scores of every question of ``samples`` (one chunk each), own adapter vs the next
-        document's adapter. Documents go in near-equal groups of at most 8, each the other's control."""
+        document's adapter. Documents go in near-equal groups of at most 8, each the other's control.
+        The encoder pass runs in full precision unless ``encoder_autocast`` says otherwise."""
         if len(samples) < 2:
             raise ValueError("held-out scoring needs at least two documents (one is the other's control)")
         self.hypernet.eval()
@@ -160,11 +161,13 @@ class Trainer:
             rng = random.Random(f"{self.cfg.seed}/eval/{start}")
             batch = build_microbatch(group, self.base.tokenizer, self.affixes, rng, questions_per_doc=4,
                                      multi_chunk_prob=0.0, max_chunks=1)
-            own = student_forward(self.base.model, self.hypernet, self.layers_prefix, batch)
+            own = student_forward(self.base.model, self.hypernet, self.layers_prefix, batch,
+                                  encoder_autocast=encoder_autocast)
             shifted = [(d + 1) % len(group) for d in batch.row_doc]
             swapped = MicroBatch(batch.chunks, batch.doc_chunks, shifted, batch.input_ids, batch.attention_mask,
                                  batch.labels, batch.qas)
-            wrong = student_forward(self.base.model, self.hypernet, self.layers_prefix, swapped)
+            wrong = student_forward(self.base.model, self.hypernet, self.layers_prefix, swapped,
+                                    encoder_autocast=encoder_autocast)
             rows += [
                 HeldOutRow(qa, float(own.token_correct[i]), float(wrong.token_correct[i]), float(own.row_loss[i]))
                 for i, qa in enumerate(batch.qas)

@@ -108,11 +108,11 @@ def report(spec: dict[str, Any], root: Path = ROOT) -> str:
                for name in names if (root / name / "score.json").exists()]
     groups = sorted({g for r in results for g in r["scores"]}, key=lambda g: (g.split(",")[0], g))
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
-    lines = [f"{spec['steps']} steps from scratch each; scored teacher-forced on "
+    lines = [f"Variants: {spec['steps']} steps from scratch each. Every row is scored teacher-forced on the same "
              + ", ".join(f"{n} held-out {d} documents" for d, n in spec["score"].items())
              + ". Cells: answer-token accuracy own / wrong adapter (exact answers own / wrong), %.", "",
-             "| variant | overrides | s/step (median) | " + " | ".join(groups) + " |",
-             "|---|---|---|" + "---|" * len(groups)]
+             "| variant | overrides | steps | s/step (median) | " + " | ".join(groups) + " |",
+             "|---|---|---|---|" + "---|" * len(groups)]
     for r in results:
         cells = []
         for g in groups:
@@ -121,7 +121,8 @@ def report(spec: dict[str, Any], root: Path = ROOT) -> str:
                          f"{pct(s['own_token_acc'])} / {pct(s['wrong_token_acc'])} "
                          f"({pct(s['own_exact'])} / {pct(s['wrong_exact'])})")
         overrides = ", ".join(f"{k}={json.dumps(v)}" for k, v in r["overrides"].items()) or "(base)"
-        lines.append(f"| {r['variant']} | {overrides} | {r['median_step_seconds']:.2f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['variant']} | {overrides} | {r['steps']} | {r['median_step_seconds']:.2f} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -49,8 +49,8 @@ def test_variants_are_scored_on_the_same_questions_and_tabulated(tmp_path: Path)
     ref = ablate.score_saved_run(spec, tmp_path / "plain", "ref-bf16", "bfloat16", root=tmp_path, base=tiny_base())
     assert ref["steps"] == 3 and ref["scores"]["facts"]["n"] == results[0]["scores"]["facts"]["n"]
     table = ablate.report(spec, root=tmp_path)
-    assert "| plain | (base) |" in table
-    assert '| mixed | domain_weights={"facts": 0.5, "tool": 0.5}, multi_chunk_prob=1.0 |' in table
+    assert "| plain | (base) | 3 |" in table
+    assert '| mixed | domain_weights={"facts": 0.5, "tool": 0.5}, multi_chunk_prob=1.0 | 3 |' in table
     assert table.index("| mixed |") < table.index("| ref-bf16 |")
 
 

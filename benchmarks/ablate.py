@@ -100,12 +100,16 @@ def score_saved_run(spec: dict[str, Any], run_dir: Path, name: str, encoder_auto
     return result
 
 
-def report(spec: dict[str, Any], root: Path = ROOT) -> str:
-    # The spec's variants in its order, then reference rows (saved runs scored with --score-run).
+def scored(spec: dict[str, Any], root: Path = ROOT) -> list[dict[str, Any]]:
+    """Every score.json under ``root``: the spec's variants in its order, then reference rows (--score-run)."""
     names = list(spec["variants"]) + sorted(p.parent.name for p in root.glob("*/score.json")
                                             if p.parent.name not in spec["variants"])
-    results = [json.loads((root / name / "score.json").read_text())
-               for name in names if (root / name / "score.json").exists()]
+    return [json.loads((root / name / "score.json").read_text())
+            for name in names if (root / name / "score.json").exists()]
+
+
+def report(spec: dict[str, Any], root: Path = ROOT) -> str:
+    results = scored(spec, root)
     groups = sorted({g for r in results for g in r["scores"]}, key=lambda g: (g.split(",")[0], g))
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     lines = [f"Variants: {spec['steps']} steps from scratch each. Every row is scored teacher-forced on the same "
@@ -150,8 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.benchmarks:
         from d2l_memory.reporting import replace_section
 
+        raw = Path("benchmarks/results/ablations.json")
+        raw.write_text(json.dumps(scored(spec), indent=1))
         command = f"python benchmarks/ablate.py {args.spec} --variant NAME (each), then --report --benchmarks"
-        replace_section(Path("BENCHMARKS.md"), "ablations", f"## Recipe ablations\n\n`{command}`\n\n{table}\n")
+        replace_section(Path("BENCHMARKS.md"), "ablations",
+                        f"## Recipe ablations\n\n`{command}`\n\n{table}\n\nRaw results: `{raw.as_posix()}`\n")
     return 0
 
 

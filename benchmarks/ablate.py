@@ -91,7 +91,7 @@ def score_saved_run(spec: dict[str, Any], run_dir: Path, name: str, encoder_auto
     saved = TrainConfig.from_file(run_dir / "train_config.json")
     cfg = dataclasses.replace(saved, out_dir=str(run_dir), threads=spec["base"].get("threads"))
     trainer = Trainer(cfg, base=base)
-    dtype = TrainConfig.from_dict({**spec["base"], "encoder_autocast": encoder_autocast}).encoder_dtype()
+    dtype = dataclasses.replace(saved, encoder_autocast=encoder_autocast).encoder_dtype()
     note = f"saved run {run_dir}, encoder {encoder_autocast or 'float32'}"
     result = {"variant": name, "overrides": {"reference": note}, "steps": trainer.step, **step_times(run_dir),
               "scores": score(trainer, spec, dtype)}

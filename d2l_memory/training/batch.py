@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from d2l_memory.chunking import TurnAffixes
 from d2l_memory.generation import prompt_ids
-from d2l_memory.hypernet import HyperLoRA
+from d2l_memory.hypernet import HyperLoRA, HyperOutput
 from d2l_memory.internalize import gather_weights, run_hypernet
 from d2l_memory.lora import lora_scope, stack_per_row
 from d2l_memory.training.synth import QA, Sample
@@ -182,14 +182,18 @@ def student_forward(
     hypernet: HyperLoRA,
     layers_prefix: str,
     batch: MicroBatch,
-    doc_weights_override: Sequence[dict] | None = None,
+    hyper_out: HyperOutput | None = None,
     teacher: TeacherTopK | None = None,
     encoder_autocast: torch.dtype | None = None,
 ) -> StudentOutput:
-    """Make each document's adapter, apply per row, and score the answer tokens (and KL to ``teacher``)."""
+    """Make each document's adapter, apply per row, and score the answer tokens (and KL to ``teacher``).
+
+    ``hyper_out``: the hypernetwork's output for ``batch.chunks`` if the caller already has it (scoring the
+    same chunks twice, e.g. with swapped adapters, then runs the encoder once).
+    """
     device = model.get_input_embeddings().weight.device
-    out = run_hypernet(model, hypernet, batch.chunks, encoder_autocast)
-    doc_weights = doc_weights_override or [gather_weights(out, layers_prefix, rows) for rows in batch.doc_chunks]
+    out = hyper_out if hyper_out is not None else run_hypernet(model, hypernet, batch.chunks, encoder_autocast)
+    doc_weights = [gather_weights(out, layers_prefix, rows) for rows in batch.doc_chunks]
     per_row = stack_per_row([doc_weights[d] for d in batch.row_doc])
     labels = batch.labels.to(device)
     with lora_scope(model, per_row):

@@ -20,6 +20,7 @@ from d2l_memory.chunking import user_turn_affixes
 from d2l_memory.config import EncoderConfig
 from d2l_memory.engine import default_hypernet_config
 from d2l_memory.hypernet import HyperLoRA, count_parameters
+from d2l_memory.internalize import run_hypernet
 from d2l_memory.training.batch import MicroBatch, build_microbatch, student_forward, teacher_top_k
 from d2l_memory.training.config import TrainConfig
 from d2l_memory.training.state import latest_state_dir, load_training_state, save_training_state
@@ -161,13 +162,13 @@ class Trainer:
             rng = random.Random(f"{self.cfg.seed}/eval/{start}")
             batch = build_microbatch(group, self.base.tokenizer, self.affixes, rng, questions_per_doc=4,
                                      multi_chunk_prob=0.0, max_chunks=1)
-            own = student_forward(self.base.model, self.hypernet, self.layers_prefix, batch,
-                                  encoder_autocast=encoder_autocast)
+            # One encoder + hypernetwork pass; own and swapped rows read the same adapters.
+            hyper_out = run_hypernet(self.base.model, self.hypernet, batch.chunks, encoder_autocast)
+            own = student_forward(self.base.model, self.hypernet, self.layers_prefix, batch, hyper_out=hyper_out)
             shifted = [(d + 1) % len(group) for d in batch.row_doc]
             swapped = MicroBatch(batch.chunks, batch.doc_chunks, shifted, batch.input_ids, batch.attention_mask,
                                  batch.labels, batch.qas)
-            wrong = student_forward(self.base.model, self.hypernet, self.layers_prefix, swapped,
-                                    encoder_autocast=encoder_autocast)
+            wrong = student_forward(self.base.model, self.hypernet, self.layers_prefix, swapped, hyper_out=hyper_out)
             rows += [
                 HeldOutRow(qa, float(own.token_correct[i]), float(wrong.token_correct[i]), float(own.row_loss[i]))
                 for i, qa in enumerate(batch.qas)

@@ -7,7 +7,8 @@ Everything is measured in one run on one machine and reported as ratios:
 - read: time to first token and decode speed with the adapter vs with the document in the prompt;
 - memory: adapter bytes vs KV-cache bytes (computed from the config, checked against the cache
   tensors of a real prefill);
-- serving: a batch of B requests each with its own adapter vs the base model, and adapter swap time.
+- serving: a batch of B requests each with its own adapter vs the base model, and adapter swap time;
+- chat prefix: time to first token after a fixed system prompt, with and without reusing its KV cache.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from d2l_memory import MemoryEngine
 from d2l_memory.evaluation.distill import DistillConfig, context_distill
 from d2l_memory.generation import context_window, left_pad, prompt_ids
 from d2l_memory.lora import lora_scope, stack_per_row
+from d2l_memory.prefix_cache import PrefixCacheConfig
 from d2l_memory.reporting import save_figure
 from d2l_memory.training.synth import haystack_corpus
 
@@ -166,6 +168,33 @@ def bench_serving(engine: MemoryEngine, batch_sizes: tuple[int, ...]) -> dict[st
     return out
 
 
+def bench_prefix(engine: MemoryEngine, plain: MemoryEngine, prefix_tokens: tuple[int, ...]) -> list[dict[str, Any]]:
+    """TTFT of an agent-style call: a fixed system prompt (tool docs) + a question, with an adapter.
+
+    ``plain`` is the same engine with prefix reuse off. "first call" clears the cache first, so it pays
+    the prefix prefill and stores it; "later calls" find it (a new adapter object with the same weights
+    each time, as the provider's recall builds one per call).
+    """
+    memory = engine.internalize(document(engine, 400), progress=False)
+    rows = []
+    for n in prefix_tokens:
+        system = [{"role": "system", "content": document(engine, n)}]
+
+        def ask(on: MemoryEngine) -> None:
+            on.complete(QUESTION, memory=memory.select_chunks(range(memory.n_chunks)), history=system, max_new_tokens=1)
+
+        def first_call() -> None:
+            engine.prefix_cache.clear()
+            ask(engine)
+
+        _, off = timed(lambda: ask(plain), repeat=3)
+        _, cold = timed(first_call, repeat=3)
+        _, warm = timed(lambda: ask(engine), repeat=3)
+        rows.append({"prefix_tokens": engine.count_prompt_tokens(QUESTION, history=system), "ttft_no_reuse_s": off,
+                     "ttft_first_call_s": cold, "ttft_reused_s": warm})
+    return rows
+
+
 def verdicts(rows: list[dict[str, Any]], serving: dict[str, Any], default_encoder: str) -> list[tuple[str, str, bool | None]]:
     by_len = {r["tokens"]: r for r in rows}
     checks: list[tuple[str, str, bool | None]] = []
@@ -225,6 +254,14 @@ def markdown(result: dict[str, Any]) -> str:
     for b in serving["batches"]:
         lines.append(f"| {b['batch']} | {b['base_tok_s']:.1f} | {b['per_row_adapters_tok_s']:.1f} | "
                      f"{100 * b['per_row_adapters_tok_s'] / b['base_tok_s']:.0f}% |")
+    if result.get("prefix"):
+        lines += ["", "Chat prefix reuse (a fixed system prompt + the question, with an adapter; time to first token, "
+                  "median of 3; the first call stores the prefix's KV cache, later calls reuse it):", "",
+                  "| prompt tokens | no reuse s | first call s | later calls s | later calls vs no reuse |",
+                  "|---|---|---|---|---|"]
+        for p in result["prefix"]:
+            lines.append(f"| {p['prefix_tokens']} | {p['ttft_no_reuse_s']:.3f} | {p['ttft_first_call_s']:.3f} | "
+                         f"{p['ttft_reused_s']:.3f} | {p['ttft_no_reuse_s'] / p['ttft_reused_s']:.1f}× shorter |")
     lines += ["", f"Adapter swap (stack {max(b['batch'] for b in serving['batches'])} adapters + register hooks): "
               f"{1e3 * serving['swap_s_batch_max']:.1f} ms; base weights are never copied or modified.", "",
               "| target | measured | verdict |", "|---|---|---|"]
@@ -264,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distill-lengths", type=int, nargs="*", default=[512, 1024])
     parser.add_argument("--distill-steps", type=int, default=100)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--prefix-tokens", type=int, nargs="*", default=[512, 2048],
+                        help="system-prompt lengths for the chat prefix reuse rows")
     parser.add_argument("--chunk-tokens", type=int, default=None, help="override the engine's chunk size")
     parser.add_argument("--hypernet", default=None)
     parser.add_argument("--out", default="benchmarks/results")
@@ -288,11 +327,14 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("benchmarking %d tokens", n)
         rows.append(bench_length(engine, bf16_engine, n, args.distill_steps if n in args.distill_lengths else None))
     serving = bench_serving(engine, tuple(args.batches))
+    plain = MemoryEngine(default.base, default.hypernet, hypernet_id=default.hypernet_id, chunking=chunking,
+                         prefix_cache=PrefixCacheConfig(enabled=False))
+    prefix = bench_prefix(engine, plain, tuple(args.prefix_tokens))
     result = {
         "command": "d2l-memory bench " + shlex.join(argv_used),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "base_model": engine.base_model_id, "hypernet": engine.hypernet_id, "chunk_tokens": engine.chunking.chunk_tokens,
-        "window": context_window(engine.model), "lengths": rows, "serving": serving,
+        "window": context_window(engine.model), "lengths": rows, "serving": serving, "prefix": prefix,
     }  # fmt: skip
     result["default_encoder"] = default_encoder
     result["verdicts"] = verdicts(rows, serving, default_encoder)

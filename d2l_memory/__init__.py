@@ -14,6 +14,7 @@ from d2l_memory.errors import (
     InvalidDocumentError,
 )
 from d2l_memory.lora import lora_scope
+from d2l_memory.prefix_cache import PrefixCacheConfig
 from d2l_memory.provider import AddResult, Answer, Compaction, MemoryProvider, ProviderConfig, Recall
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "MemoryEngine",
     "MemoryKind",
     "MemoryProvider",
+    "PrefixCacheConfig",
     "ProviderConfig",
     "Recall",
     "Scope",

@@ -7,6 +7,7 @@ Chunk i owns A rows and B columns [i·r, (i+1)·r), so chunks concatenate and dr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -59,6 +60,12 @@ class MemoryAdapter:
     @property
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+
+    @functools.cached_property
+    def content_digest(self) -> str:
+        """sha256 of the weights, computed once per object: equal weights give equal digests, so
+        caches keyed by it survive the new objects that ``concat`` and ``select_chunks`` return."""
+        return tensor_digest(self.to_tensors())
 
     def to(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> MemoryAdapter:
         moved = {n: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)) for n, (a, b) in self.weights.items()}

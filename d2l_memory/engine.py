@@ -33,6 +33,7 @@ from d2l_memory.config import ChunkConfig, EncoderConfig, GenerationConfig, Hype
 from d2l_memory.generation import generate_batch, prompt_ids, stream_tokens
 from d2l_memory.hypernet import HyperLoRA
 from d2l_memory.internalize import gather_weights, run_hypernet
+from d2l_memory.prefix_cache import PrefixCache, PrefixCacheConfig, common_prefix_length
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class MemoryEngine:
         chunk_batch_size: int = 8,
         hypernet_trained: bool = True,
         encoder_autocast: torch.dtype | None = None,
+        prefix_cache: PrefixCacheConfig = PrefixCacheConfig(),
     ) -> None:
         self.base = base
         self.hypernet_trained = hypernet_trained
@@ -97,6 +99,9 @@ class MemoryEngine:
         self.encoder_autocast = encoder_autocast
         """Run the frozen encoder pass under autocast to this dtype (e.g. ``torch.bfloat16``), ``None``
         for full precision. ``from_pretrained`` uses the dtype the checkpoint was trained with."""
+        self.prefix_cache = PrefixCache(prefix_cache)
+        """KV caches of prompt prefixes that repeat across calls (system prompt, history, a document
+        in the prompt), per adapter; ``PrefixCacheConfig(enabled=False)`` turns reuse off."""
         self.layers_prefix = decoder_layers_prefix(base.model)
         self.affixes = user_turn_affixes(base.tokenizer)
         self._lock = threading.RLock()
@@ -115,6 +120,7 @@ class MemoryEngine:
         generation: GenerationConfig = GenerationConfig(),
         home: Path | None = None,
         encoder_autocast: torch.dtype | None | Literal["as-trained"] = "as-trained",
+        prefix_cache: PrefixCacheConfig = PrefixCacheConfig(),
     ) -> MemoryEngine:
         """Load a base model and a hypernetwork checkpoint (the shipped one by default), offline.
 
@@ -134,7 +140,7 @@ class MemoryEngine:
             logger.info("Loaded hypernetwork %s from %s (encoder pass in %s)", meta.hypernet_id, path,
                         autocast or "full precision")
             return cls(base, module, hypernet_id=meta.hypernet_id, chunking=chunking, generation=generation,
-                       encoder_autocast=autocast)
+                       encoder_autocast=autocast, prefix_cache=prefix_cache)
         logger.warning(
             "No trained hypernetwork for %r: using an UNTRAINED one (adapters are zero, answers equal the "
             "base model's). Train one with `d2l-memory train` or pass hypernet=PATH.",
@@ -143,7 +149,7 @@ class MemoryEngine:
         torch.manual_seed(0)
         module = HyperLoRA(default_hypernet_config(base.model)).to(device)
         return cls(base, module, hypernet_id=hypernet_id_of(module), chunking=chunking, generation=generation,
-                   hypernet_trained=False)
+                   hypernet_trained=False, prefix_cache=prefix_cache)
 
     @classmethod
     def from_checkpoint_meta(cls, base: LoadedBaseModel, module: HyperLoRA, meta: HypernetMeta) -> MemoryEngine:
@@ -276,8 +282,10 @@ class MemoryEngine:
         prompts = [prompt_ids(self.tokenizer, q, c, [dict(m) for m in h])
                    for q, c, h in zip(questions, contexts, histories, strict=True)]
         adapters = None if all(m is None for m in memories) else memories
+        reuse = min(self._reusable_prefix(p, q, c, h) for p, q, c, h in zip(prompts, questions, contexts, histories, strict=True))
         with self._lock:
-            answers, counts = generate_batch(self.model, self.tokenizer, prompts, cfg, adapters)
+            answers, counts = generate_batch(self.model, self.tokenizer, prompts, cfg, adapters,
+                                             prefix_cache=self.prefix_cache, prefix_length=reuse)
         return [Completion(a, len(p), c) for a, p, c in zip(answers, prompts, counts, strict=True)]
 
     def stream(
@@ -295,8 +303,21 @@ class MemoryEngine:
             self.check_compatible(memory)
         prompt = prompt_ids(self.tokenizer, question, context, [dict(m) for m in history])
         cfg = self._generation(generation, max_new_tokens)
+        reuse = self._reusable_prefix(prompt, question, context, history)
         with self._lock:
-            yield from stream_tokens(self.model, self.tokenizer, prompt, cfg, memory)
+            yield from stream_tokens(self.model, self.tokenizer, prompt, cfg, memory,
+                                     prefix_cache=self.prefix_cache, prefix_length=reuse)
+
+    def _reusable_prefix(self, prompt: list[int], question: str, context: str | None, history: Sequence[Message]) -> int:
+        """How many leading tokens of ``prompt`` do not depend on the question: everything up to where
+        a prompt for a different question diverges (system prompt, history, a document in the prompt).
+        0 when that part is too short to be worth caching or reuse is off."""
+        if not self.prefix_cache.usable:
+            return 0
+        probe = "!" if question.startswith("?") else "?"
+        stable = common_prefix_length(prompt, prompt_ids(self.tokenizer, probe, context, [dict(m) for m in history]))
+        stable = min(stable, len(prompt) - 1)  # generate needs at least one new input token
+        return stable if stable >= self.prefix_cache.cfg.min_tokens else 0
 
     def count_prompt_tokens(self, question: str, *, context: str | None = None, history: Sequence[Message] = ()) -> int:
         return len(prompt_ids(self.tokenizer, question, context, [dict(m) for m in history]))

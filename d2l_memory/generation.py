@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 from d2l_memory.config import GenerationConfig
 from d2l_memory.errors import DocumentTooLargeError
 from d2l_memory.lora import AdapterLike, lora_scope
+from d2l_memory.prefix_cache import PrefixCache
 
 
 def user_prompt(question: str, context: str | None = None) -> str:
@@ -73,6 +74,53 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
+def pad_after_prefix(prompts: Sequence[Sequence[int]], prefix_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows laid out as [shared-length prefix][padding][rest]: the prefix columns line up with a stacked
+    prefix KV cache, and masked padding in the middle leaves every token's position id unchanged."""
+    rests = [p[prefix_length:] for p in prompts]
+    longest = max(len(r) for r in rests)
+    width = prefix_length + longest
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, (prompt, rest) in enumerate(zip(prompts, rests, strict=True)):
+        ids[row, :prefix_length] = torch.tensor(prompt[:prefix_length], dtype=torch.long)
+        ids[row, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+        mask[row, :prefix_length] = 1
+        mask[row, width - len(rest) :] = 1
+    return ids, mask
+
+
+def per_row(adapters: AdapterLike | Sequence[AdapterLike | None] | None, n: int) -> list[AdapterLike | None]:
+    if adapters is None:
+        return [None] * n
+    if isinstance(adapters, Sequence):
+        return list(adapters)
+    return [adapters] * n
+
+
+def batch_inputs(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    adapters: AdapterLike | Sequence[AdapterLike | None] | None,
+    prefix_cache: PrefixCache | None,
+    prefix_length: int,
+) -> dict[str, object]:
+    """``generate`` inputs: left-padded rows, or rows whose first ``prefix_length`` tokens come from the
+    prefix cache (computed under each row's adapter and stored on a miss)."""
+    cache = None
+    if prefix_cache is not None and prefix_length > 0:
+        if any(len(p) <= prefix_length for p in prompts):
+            raise ValueError("every prompt needs at least one token after the cached prefix")
+        cache = prefix_cache.states(model, [p[:prefix_length] for p in prompts], per_row(adapters, len(prompts)))
+    ids, mask = left_pad(prompts, pad_id) if cache is None else pad_after_prefix(prompts, prefix_length, pad_id)
+    device = model.get_input_embeddings().weight.device
+    inputs: dict[str, object] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    if cache is not None:
+        inputs["cache"] = cache
+    return inputs
+
+
 def cut_at_stops(text: str, stops: Sequence[str]) -> str:
     cut = min((text.find(s) for s in stops if s and s in text), default=-1)
     return text if cut < 0 else text[:cut]
@@ -85,18 +133,21 @@ def generate_batch(
     prompts: Sequence[Sequence[int]],
     cfg: GenerationConfig,
     adapters: AdapterLike | Sequence[AdapterLike | None] | None = None,
+    *,
+    prefix_cache: PrefixCache | None = None,
+    prefix_length: int = 0,
 ) -> tuple[list[str], list[int]]:
-    """Decode a batch of prompts (left-padded), one adapter for all rows or one per row.
+    """Decode a batch of prompts, one adapter for all rows or one per row.
 
-    Returns the answers and how many tokens each generated.
+    With a ``prefix_cache``, every row's first ``prefix_length`` tokens are not recomputed but taken
+    from (or added to) the cache. Returns the answers and how many tokens each generated.
     """
     for prompt in prompts:
         check_fits(model, len(prompt), cfg.max_new_tokens)
-    device = model.get_input_embeddings().weight.device
-    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    inputs = batch_inputs(model, prompts, tokenizer.pad_token_id, adapters, prefix_cache, prefix_length)
     with lora_scope(model, adapters):
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **_generate_kwargs(tokenizer, cfg))
-    new = out[:, ids.shape[1] :]
+        out = model.generate(**inputs, **_generate_kwargs(tokenizer, cfg))
+    new = out[:, inputs["input_ids"].shape[1] :]
     answers, counts = [], []
     for row in new:
         tokens = [t for t in row.tolist() if t not in (tokenizer.pad_token_id, tokenizer.eos_token_id)]
@@ -111,19 +162,21 @@ def stream_tokens(
     prompt: Sequence[int],
     cfg: GenerationConfig,
     adapter: AdapterLike | None = None,
+    *,
+    prefix_cache: PrefixCache | None = None,
+    prefix_length: int = 0,
 ) -> Iterator[str]:
     """Yield text pieces as they are decoded. The adapter is active only in the decoding thread's scope."""
     check_fits(model, len(prompt), cfg.max_new_tokens)
-    device = model.get_input_embeddings().weight.device
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    inputs = batch_inputs(model, [prompt], tokenizer.pad_token_id, adapter, prefix_cache, prefix_length)
     errors: list[BaseException] = []
     cancelled = Event()
 
     def run() -> None:
         try:
             with torch.inference_mode(), lora_scope(model, adapter):
-                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                model.generate(**inputs, streamer=streamer,
                                stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
                                **_generate_kwargs(tokenizer, cfg))
         except BaseException as exc:  # surfaced to the consumer below

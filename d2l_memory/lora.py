@@ -26,7 +26,7 @@ class HasLoraWeights(Protocol):
 AdapterLike = HasLoraWeights | Mapping[str, LoraPair]
 
 
-def _weights_of(adapter: AdapterLike) -> Mapping[str, LoraPair]:
+def weights_of(adapter: AdapterLike) -> Mapping[str, LoraPair]:
     return adapter if isinstance(adapter, Mapping) else adapter.weights
 
 
@@ -36,7 +36,7 @@ def stack_per_row(adapters: Sequence[AdapterLike | None]) -> dict[str, LoraPair]
     A ``None`` row gets all-zero factors, i.e. the plain base model. Zero rows of A contribute
     exactly nothing, so padding never changes a row's output.
     """
-    present = [_weights_of(a) for a in adapters if a is not None]
+    present = [weights_of(a) for a in adapters if a is not None]
     if not present:
         raise ValueError("stack_per_row needs at least one adapter (use no scope for a plain batch)")
     modules = sorted(present[0])
@@ -52,7 +52,7 @@ def stack_per_row(adapters: Sequence[AdapterLike | None]) -> dict[str, LoraPair]
         for row, adapter in enumerate(adapters):
             if adapter is None:
                 continue
-            a, b = _weights_of(adapter)[name]
+            a, b = weights_of(adapter)[name]
             a_rows[row, : a.shape[0]] = a
             b_rows[row, :, : b.shape[1]] = b
         stacked[name] = (a_rows, b_rows)
@@ -90,7 +90,7 @@ def lora_scope(
     if isinstance(adapters, Sequence) and not isinstance(adapters, Mapping):
         weights: Mapping[str, LoraPair] = stack_per_row(adapters)
     else:
-        weights = _weights_of(adapters)
+        weights = weights_of(adapters)
     modules = dict(model.named_modules())
     missing = [name for name in weights if name not in modules]
     if missing:

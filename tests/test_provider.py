@@ -9,7 +9,6 @@ import torch
 from d2l_store import AdapterStore, RecordNotFound
 
 from d2l_memory import InvalidDocumentError, MemoryEngine, MemoryKind, MemoryProvider, ProviderConfig, Scope
-from d2l_memory.lora import lora_scope
 from d2l_memory.provider import ancestors
 from tiny import tiny_engine
 
@@ -190,6 +189,7 @@ def test_files_are_named_by_path(provider: MemoryProvider, tmp_path: Path) -> No
     first = provider.add_file(path, ALICE, kind=MemoryKind.TOOL_DOC)
     path.write_text("# Notes\n" + DOC_TEAL)
     second = provider.add_file(path, ALICE, kind=MemoryKind.TOOL_DOC)
+    assert first.status == "created" and second.record.id != first.record.id
     assert second.status == "superseded" and second.record.metadata["name"] == str(path.resolve())
     assert second.record.kind == MemoryKind.TOOL_DOC
 

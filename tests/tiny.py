@@ -13,6 +13,7 @@ from d2l_memory.checkpoint import hypernet_id_of
 from d2l_memory.config import ChunkConfig, GenerationConfig, HypernetConfig
 from d2l_memory.engine import MemoryEngine, default_hypernet_config
 from d2l_memory.hypernet import HyperLoRA
+from d2l_memory.prefix_cache import PrefixCacheConfig
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -83,10 +84,16 @@ def tiny_hypernet(model: LlamaForCausalLM, seed: int = 0, **overrides: object) -
     return net.eval()
 
 
-def tiny_engine(seed: int = 0, chunk_tokens: int = 16, **overrides: object) -> MemoryEngine:
-    base = tiny_base(seed)
+def tiny_engine(
+    seed: int = 0,
+    chunk_tokens: int = 16,
+    prefix_cache: PrefixCacheConfig = PrefixCacheConfig(),
+    init_range: float = 0.02,
+    **overrides: object,
+) -> MemoryEngine:
+    base = tiny_base(seed, init_range=init_range)
     net = tiny_hypernet(base.model, seed, **overrides)
     return MemoryEngine(
         base, net, hypernet_id=hypernet_id_of(net), chunking=ChunkConfig(chunk_tokens=chunk_tokens),
-        generation=GenerationConfig(max_new_tokens=8),
+        generation=GenerationConfig(max_new_tokens=8), prefix_cache=prefix_cache,
     )

@@ -91,15 +91,35 @@ def decode(engine: MemoryEngine, prompts: list[list[int]], adapters: Any, n_new:
 
 
 @torch.inference_mode()
-def decode_speed(engine: MemoryEngine, prompt: list[int], adapter: Any) -> float:
-    """Greedy decode steps per second after one prefill, reusing its KV cache (prefill not counted)."""
+def decode_speed(engine: MemoryEngine, prompt: list[int], adapter: Any, forward: Callable[..., Any] | None = None) -> float:
+    """Greedy decode steps per second after one prefill, reusing its KV cache (prefill not counted).
+
+    ``forward`` runs the model's steps (default: the model itself; the compile rows pass
+    ``torch.compile(model)``); the adapter's hooks sit on the model's modules either way."""
+    step = forward or engine.model
     with lora_scope(engine.model, adapter):
-        out = engine.model(input_ids=torch.tensor([prompt]), use_cache=True)
+        out = step(input_ids=torch.tensor([prompt]), use_cache=True)
         start = time.perf_counter()
         for _ in range(DECODE_TOKENS):
             token = out.logits[:, -1:].argmax(-1)
-            out = engine.model(input_ids=token, cache=out.cache, use_cache=True)
+            out = step(input_ids=token, cache=out.cache, use_cache=True)
         return DECODE_TOKENS / (time.perf_counter() - start)
+
+
+def bench_compile(engine: MemoryEngine) -> dict[str, Any]:
+    """Decode speed of ``torch.compile(model)`` against eager, without and with an adapter.
+
+    The first compiled call of each kind is timed separately: it includes the compilation (adding
+    the adapter's hooks changes the traced graph, so the adapter case compiles again)."""
+    memory = engine.internalize(document(engine, 400), progress=False)
+    prompt = prompt_ids(engine.tokenizer, QUESTION)
+    row: dict[str, Any] = {}
+    compiled = torch.compile(engine.model, dynamic=True)
+    for name, adapter in (("base", None), ("adapter", memory)):
+        row[f"eager_tok_s_{name}"] = decode_speed(engine, prompt, adapter)
+        _, row[f"first_compiled_call_s_{name}"] = timed(lambda: decode_speed(engine, prompt, adapter, compiled))
+        row[f"compiled_tok_s_{name}"] = statistics.median(decode_speed(engine, prompt, adapter, compiled) for _ in range(3))
+    return row
 
 
 def relative_l2(reference: Any, other: Any) -> float:
@@ -262,6 +282,14 @@ def markdown(result: dict[str, Any]) -> str:
         for p in result["prefix"]:
             lines.append(f"| {p['prefix_tokens']} | {p['ttft_no_reuse_s']:.3f} | {p['ttft_first_call_s']:.3f} | "
                          f"{p['ttft_reused_s']:.3f} | {p['ttft_no_reuse_s'] / p['ttft_reused_s']:.1f}× shorter |")
+    if result.get("compile"):
+        c = result["compile"]
+        lines += ["", f"`torch.compile` (opt-in, `--compile`): decode tok/s eager → compiled, without an adapter "
+                  f"{c['eager_tok_s_base']:.1f} → {c['compiled_tok_s_base']:.1f} "
+                  f"({c['compiled_tok_s_base'] / c['eager_tok_s_base']:.2f}×), with one "
+                  f"{c['eager_tok_s_adapter']:.1f} → {c['compiled_tok_s_adapter']:.1f} "
+                  f"({c['compiled_tok_s_adapter'] / c['eager_tok_s_adapter']:.2f}×); first compiled call "
+                  f"{c['first_compiled_call_s_base']:.0f} s / {c['first_compiled_call_s_adapter']:.0f} s (compilation)."]
     lines += ["", f"Adapter swap (stack {max(b['batch'] for b in serving['batches'])} adapters + register hooks): "
               f"{1e3 * serving['swap_s_batch_max']:.1f} ms; base weights are never copied or modified.", "",
               "| target | measured | verdict |", "|---|---|---|"]
@@ -303,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--prefix-tokens", type=int, nargs="*", default=[512, 2048],
                         help="system-prompt lengths for the chat prefix reuse rows")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure decoding with torch.compile(model) (compilation takes minutes on CPU)")
     parser.add_argument("--chunk-tokens", type=int, default=None, help="override the engine's chunk size")
     parser.add_argument("--hypernet", default=None)
     parser.add_argument("--out", default="benchmarks/results")
@@ -330,11 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     plain = MemoryEngine(default.base, default.hypernet, hypernet_id=default.hypernet_id, chunking=chunking,
                          prefix_cache=PrefixCacheConfig(enabled=False))
     prefix = bench_prefix(engine, plain, tuple(args.prefix_tokens))
+    compiled = bench_compile(engine) if args.compile else None
     result = {
         "command": "d2l-memory bench " + shlex.join(argv_used),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "base_model": engine.base_model_id, "hypernet": engine.hypernet_id, "chunk_tokens": engine.chunking.chunk_tokens,
-        "window": context_window(engine.model), "lengths": rows, "serving": serving, "prefix": prefix,
+        "window": context_window(engine.model), "lengths": rows, "serving": serving, "prefix": prefix, "compile": compiled,
     }  # fmt: skip
     result["default_encoder"] = default_encoder
     result["verdicts"] = verdicts(rows, serving, default_encoder)

@@ -32,8 +32,9 @@ def test_prefix_rows_store_once_then_reuse_and_reach_the_table() -> None:
     result = {"lengths": [], "serving": {"batches": [{"batch": 1, "base_tok_s": 1.0, "per_row_adapters_tok_s": 1.0}],
                                          "swap_s_batch_max": 0.001},
               "prefix": rows, "verdicts": [], "command": "x", "machine": "m", "base_model": "b", "chunk_tokens": 64,
-              "window": 512, "compile": {f"{k}_{n}": 2.0 for k in ("eager_tok_s", "compiled_tok_s", "first_compiled_call_s")
-                                         for n in ("base", "adapter")}}
+              "window": 512, "compile": {"eager_tok_s_base": 2.0, "compiled_tok_s_base": 2.0, "first_compiled_call_s": 9.0,
+                                         "adapter_effect_eager": 0.5, "compiled_vs_eager_with_adapter": 0.5,
+                                         "compiled_applies_adapter": False}}
     table = perf.markdown(result)
     assert f"| {rows[0]['prefix_tokens']} | " in table and "shorter" in table
-    assert "torch.compile" in table and "(1.00×)" in table
+    assert "torch.compile" in table and "(1.00×)" in table and "**ignores**" in table

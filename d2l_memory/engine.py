@@ -3,6 +3,10 @@
 Thread-safety: adapters are applied by hooks on the shared model, so one engine runs one model
 call at a time (an internal lock serialises them). For parallel serving, batch requests with one
 adapter per row (``generate_batch``) instead of running threads.
+
+There is no ``torch.compile`` option: a compiled model does not see adapter hooks added after its
+compilation and silently answers without the memory (measured in BENCHMARKS.md, with no decode
+speed-up on CPU to pay for a different LoRA mechanism).
 """
 
 from __future__ import annotations

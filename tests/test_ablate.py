@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from d2l_memory.training.trainer import HeldOutScore
+from bench_modules import load_benchmark
 from tiny import tiny_base
-
-ABLATE = Path(__file__).parents[1] / "benchmarks" / "ablate.py"
-
-
-def load_ablate():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("ablate", ABLATE)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_spec() -> dict:
@@ -33,7 +23,7 @@ def tiny_spec() -> dict:
 
 
 def test_variants_are_scored_on_the_same_questions_and_tabulated(tmp_path: Path) -> None:
-    ablate = load_ablate()
+    ablate = load_benchmark("ablate")
     spec = tiny_spec()
     results = [ablate.run_variant(spec, name, root=tmp_path, base=tiny_base()) for name in spec["variants"]]
     for result in results:
@@ -54,13 +44,13 @@ def test_variants_are_scored_on_the_same_questions_and_tabulated(tmp_path: Path)
 
 
 def test_unknown_variant_is_a_usage_error(tmp_path: Path) -> None:
-    ablate = load_ablate()
+    ablate = load_benchmark("ablate")
     with pytest.raises(SystemExit, match="unknown variant 'nope'"):
         ablate.variant_config(tiny_spec(), "nope", tmp_path)
 
 
 def test_held_out_score_of_rows_matches_the_run_check(tmp_path: Path) -> None:
-    ablate = load_ablate()
+    ablate = load_benchmark("ablate")
     spec = tiny_spec()
     from d2l_memory.training.trainer import Trainer
 

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
+from bench_modules import load_benchmark
 from tiny import tiny_engine
 
 from d2l_memory.prefix_cache import PrefixCacheConfig
 
-PERF = Path(__file__).parents[1] / "benchmarks" / "perf.py"
-
-
-def load_perf():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("perf", PERF)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_prefix_rows_store_once_then_reuse_and_reach_the_table() -> None:
-    perf = load_perf()
+    perf = load_benchmark("perf")
     engine, plain = tiny_engine(chunk_tokens=64), tiny_engine(chunk_tokens=64, prefix_cache=PrefixCacheConfig(enabled=False))
     rows = perf.bench_prefix(engine, plain, (96,))
     assert len(rows) == 1 and rows[0]["prefix_tokens"] > 96

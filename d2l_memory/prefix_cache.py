@@ -80,6 +80,8 @@ class PrefixCache:
         self._bytes = 0
         self.hits = 0
         self.misses = 0
+        self.extended = 0
+        """Misses computed from a shorter stored prefix rather than from scratch."""
         self.unsupported: str | None = None
         """Why this model's cache cannot be reused, once a prefill has shown it."""
 
@@ -103,27 +105,23 @@ class PrefixCache:
     ) -> DynamicCache | None:
         """A fresh cache holding row i's prefix computed under adapters[i] (all prefixes equally long).
 
-        Missing entries are computed (one prefill each) and stored. The returned cache is a copy:
-        decoding appends to it without touching the stored entries. None if this model's cache
-        kind cannot be reused.
+        A missing entry is computed and stored, starting from the longest stored prefix of it under the
+        same adapter when there is one (a chat history that grew by a turn computes only that turn).
+        The returned cache is a copy: decoding appends to it without touching the stored entries.
+        None if this model's cache kind cannot be reused.
         """
         if len({len(p) for p in prefixes}) != 1:
             raise ValueError("prefixes of one batch must have the same length")
         rows = []
         for prefix, adapter in zip(prefixes, adapters, strict=True):
-            entry = self._lookup(prefix, adapter) or self._build(model, prefix, adapter)
+            key = (_key_of(adapter), tuple(prefix))
+            entry = self._lookup(key) or self._build(model, key, adapter)
             if entry is None:
                 return None
             rows.append(entry)
-        stacked = DynamicCache()
-        for index in range(len(rows[0].layers)):
-            keys = torch.cat([row.layers[index][0] for row in rows])
-            values = torch.cat([row.layers[index][1] for row in rows])
-            stacked.update(keys, values, index)
-        return stacked
+        return _as_cache(rows)
 
-    def _lookup(self, prefix: Sequence[int], adapter: AdapterLike | None) -> _Entry | None:
-        key = (_key_of(adapter), tuple(prefix))
+    def _lookup(self, key: _Key) -> _Entry | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -131,19 +129,32 @@ class PrefixCache:
         self.hits += 1
         return entry
 
-    def _build(self, model: PreTrainedModel, prefix: Sequence[int], adapter: AdapterLike | None) -> _Entry | None:
+    def _longest_stored_prefix(self, key: _Key) -> tuple[int, _Entry] | None:
+        digest, tokens = key
+        found = [(len(t), e) for (d, t), e in self._entries.items()
+                 if d == digest and len(t) < len(tokens) and tokens[: len(t)] == t]
+        return max(found, key=lambda item: item[0], default=None)
+
+    def _build(self, model: PreTrainedModel, key: _Key, adapter: AdapterLike | None) -> _Entry | None:
         self.misses += 1
+        tokens = key[1]
+        start = self._longest_stored_prefix(key)
+        done, past = (0, None) if start is None else (start[0], _as_cache([start[1]]))
+        if start is not None:
+            self.extended += 1
         device = model.get_input_embeddings().weight.device
-        ids = torch.tensor([list(prefix)], dtype=torch.long, device=device)
+        ids = torch.tensor([list(tokens[done:])], dtype=torch.long, device=device)
+        # With a cache of `done` tokens and no mask, the model places the new tokens at positions
+        # done, done+1, ...: exactly where a prefill of the whole prefix puts them.
         with torch.inference_mode(), lora_scope(model, adapter):
-            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, cache=past, use_cache=True, logits_to_keep=1)
         layers = _layers_of(out.cache)
         if layers is None:
             self.unsupported = f"{type(out.cache).__name__} with non-full-attention layers"
             logger.info("Prefix KV reuse disabled for this model: its cache is a %s", self.unsupported)
             return None
         entry = _Entry(layers)
-        self._store((_key_of(adapter), tuple(prefix)), entry)
+        self._store(key, entry)
         return entry
 
     def _store(self, key: _Key, entry: _Entry) -> None:
@@ -157,6 +168,16 @@ class PrefixCache:
         while self._bytes > self.cfg.max_bytes:
             _, dropped = self._entries.popitem(last=False)
             self._bytes -= dropped.nbytes
+
+
+def _as_cache(rows: Sequence[_Entry]) -> DynamicCache:
+    """A new cache with the rows' prefixes stacked along the batch axis (a copy of the stored tensors)."""
+    cache = DynamicCache()
+    for index in range(len(rows[0].layers)):
+        keys = torch.cat([row.layers[index][0] for row in rows])
+        values = torch.cat([row.layers[index][1] for row in rows])
+        cache.update(keys, values, index)
+    return cache
 
 
 def _key_of(adapter: AdapterLike | None) -> str:

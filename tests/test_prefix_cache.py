@@ -9,7 +9,7 @@ from tiny import tiny_engine
 from d2l_memory.engine import MemoryEngine
 from d2l_memory.generation import batch_inputs, prompt_ids
 from d2l_memory.lora import lora_scope
-from d2l_memory.prefix_cache import PrefixCache, PrefixCacheConfig
+from d2l_memory.prefix_cache import PrefixCache, PrefixCacheConfig, common_prefix_length
 
 SYSTEM = {"role": "system", "content": "Tool docs: call search(query, limit=10) to find items; errors raise NotFound. " * 3}
 HISTORY = [SYSTEM, {"role": "user", "content": "Alice lives in Paris."}, {"role": "assistant", "content": "Noted."}]
@@ -98,3 +98,29 @@ def test_a_prefix_must_leave_a_token_to_generate_from() -> None:
     prompt = prompt_ids(engine.tokenizer, "Where?", None, HISTORY)
     with pytest.raises(ValueError, match="at least one token"):
         batch_inputs(engine.model, [prompt], 0, None, engine.prefix_cache, len(prompt))
+
+
+def test_a_history_that_grows_computes_only_its_new_turns_and_answers_the_same() -> None:
+    reusing, plain = reuse_engine(), reuse_engine(enabled=False)
+    memory_text = "Alice lives in Paris and works as a baker since 1999."
+    history = list(HISTORY)
+    for turn, question in enumerate(("Where does Alice live?", "What is her job?", "Since when?")):
+        got = reusing.generate(question, memory=reusing.internalize(memory_text), history=history)
+        want = plain.generate(question, memory=plain.internalize(memory_text), history=history)
+        assert got == want, turn
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": got}]
+    # Turn 1 prefills the whole prefix; turns 2 and 3 extend the previous turn's entry.
+    assert (reusing.prefix_cache.misses, reusing.prefix_cache.extended, reusing.prefix_cache.hits) == (3, 2, 0)
+
+
+def test_an_extended_prefix_has_the_logits_of_a_full_prefill() -> None:
+    engine = reuse_engine()
+    longer = [*HISTORY, {"role": "user", "content": "Bob likes teal."}, {"role": "assistant", "content": "Noted."}]
+    short_prompt = prompt_ids(engine.tokenizer, "Where?", None, HISTORY)
+    prompt = prompt_ids(engine.tokenizer, "Where?", None, longer)
+    k_short, k = common_prefix_length(short_prompt, prompt), len(prompt) - 3
+    assert 8 <= k_short < k
+    last_logits(engine, [short_prompt], None, engine.prefix_cache, k_short)
+    extended = last_logits(engine, [prompt], None, engine.prefix_cache, k)
+    assert engine.prefix_cache.extended == 1
+    torch.testing.assert_close(extended, last_logits(engine, [prompt], None, None, 0), rtol=1e-4, atol=1e-5)

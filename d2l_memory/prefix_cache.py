@@ -34,7 +34,7 @@ LayerKV = tuple[torch.Tensor, torch.Tensor]
 class PrefixCacheConfig:
     enabled: bool = True
     min_tokens: int = 32
-    """Shorter prefixes are recomputed: their prefill costs about as much as copying their cache."""
+    """Shorter prefixes are recomputed: too little prefill to save to be worth an entry."""
     max_bytes: int = 256 * 2**20
     """Least recently used entries are dropped past this many bytes of keys and values."""
 

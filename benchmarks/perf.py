@@ -113,9 +113,10 @@ def bench_compile(engine: MemoryEngine) -> dict[str, Any]:
     It does not: the adapter is a set of forward hooks added for the call, and by default dynamo does
     not guard on hooks added after compilation, so the compiled graph silently runs the base model
     (unless something else happens to force a recompilation while the hooks are present: then they
-    are traced in, by accident). That is why the engine offers no compile option. The check compares logits with an adapter active, compiled against eager; speed is
-    measured for the base model only, as a compiled adapter run would time the wrong computation. The
-    first compiled call (the compilation of the prefill) is timed apart."""
+    are traced in, by accident). That is why the engine offers no compile option. The check compares
+    logits with an adapter active, compiled against eager; speed is measured for the base model only,
+    as a compiled adapter run would time the wrong computation. The first compiled call (the
+    compilation of the prefill) is timed apart."""
     memory = engine.internalize(document(engine, 400), progress=False)
     prompt = prompt_ids(engine.tokenizer, QUESTION)
     ids = torch.tensor([prompt])

@@ -283,8 +283,7 @@ class MemoryEngine:
         for memory in memories:
             if memory is not None:
                 self.check_compatible(memory)
-        prompts = [prompt_ids(self.tokenizer, q, c, [dict(m) for m in h])
-                   for q, c, h in zip(questions, contexts, histories, strict=True)]
+        prompts = [self._prompt(q, c, h) for q, c, h in zip(questions, contexts, histories, strict=True)]
         adapters = None if all(m is None for m in memories) else memories
         reuse = min(self._reusable_prefix(p, q, c, h) for p, q, c, h in zip(prompts, questions, contexts, histories, strict=True))
         with self._lock:
@@ -305,7 +304,7 @@ class MemoryEngine:
         """Yield the answer piece by piece; the engine is busy until the iterator is exhausted or closed."""
         if memory is not None:
             self.check_compatible(memory)
-        prompt = prompt_ids(self.tokenizer, question, context, [dict(m) for m in history])
+        prompt = self._prompt(question, context, history)
         cfg = self._generation(generation, max_new_tokens)
         reuse = self._reusable_prefix(prompt, question, context, history)
         with self._lock:
@@ -316,15 +315,18 @@ class MemoryEngine:
         """How many leading tokens of ``prompt`` do not depend on the question: everything up to where
         a prompt for a different question diverges (system prompt, history, a document in the prompt).
         0 when that part is too short to be worth caching or reuse is off."""
-        if not self.prefix_cache.usable:
-            return 0
+        if not self.prefix_cache.usable or len(prompt) <= self.prefix_cache.cfg.min_tokens:
+            return 0  # nothing to reuse: skip tokenizing the probe prompt
         probe = "!" if question.startswith("?") else "?"
-        stable = common_prefix_length(prompt, prompt_ids(self.tokenizer, probe, context, [dict(m) for m in history]))
+        stable = common_prefix_length(prompt, self._prompt(probe, context, history))
         stable = min(stable, len(prompt) - 1)  # generate needs at least one new input token
         return stable if stable >= self.prefix_cache.cfg.min_tokens else 0
 
     def count_prompt_tokens(self, question: str, *, context: str | None = None, history: Sequence[Message] = ()) -> int:
-        return len(prompt_ids(self.tokenizer, question, context, [dict(m) for m in history]))
+        return len(self._prompt(question, context, history))
+
+    def _prompt(self, question: str, context: str | None, history: Sequence[Message]) -> list[int]:
+        return prompt_ids(self.tokenizer, question, context, [dict(m) for m in history])
 
     def check_compatible(self, memory: MemoryAdapter) -> None:
         from d2l_memory.adapter import check_identity

@@ -10,7 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 
 from d2l_memory.config import GenerationConfig
 from d2l_memory.errors import DocumentTooLargeError
-from d2l_memory.lora import AdapterLike, lora_scope
+from d2l_memory.lora import AdapterLike, lora_scope, rows_of
 from d2l_memory.prefix_cache import PrefixCache
 
 
@@ -90,14 +90,6 @@ def pad_after_prefix(prompts: Sequence[Sequence[int]], prefix_length: int, pad_i
     return ids, mask
 
 
-def per_row(adapters: AdapterLike | Sequence[AdapterLike | None] | None, n: int) -> list[AdapterLike | None]:
-    if adapters is None:
-        return [None] * n
-    if isinstance(adapters, Sequence):
-        return list(adapters)
-    return [adapters] * n
-
-
 def batch_inputs(
     model: PreTrainedModel,
     prompts: Sequence[Sequence[int]],
@@ -112,7 +104,7 @@ def batch_inputs(
     if prefix_cache is not None and prefix_length > 0:
         if any(len(p) <= prefix_length for p in prompts):
             raise ValueError("every prompt needs at least one token after the cached prefix")
-        cache = prefix_cache.states(model, [p[:prefix_length] for p in prompts], per_row(adapters, len(prompts)))
+        cache = prefix_cache.states(model, [p[:prefix_length] for p in prompts], rows_of(adapters, len(prompts)))
     ids, mask = left_pad(prompts, pad_id) if cache is None else pad_after_prefix(prompts, prefix_length, pad_id)
     device = model.get_input_embeddings().weight.device
     inputs: dict[str, object] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}

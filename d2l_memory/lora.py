@@ -30,6 +30,16 @@ def weights_of(adapter: AdapterLike) -> Mapping[str, LoraPair]:
     return adapter if isinstance(adapter, Mapping) else adapter.weights
 
 
+def is_per_row(adapters: AdapterLike | Sequence[AdapterLike | None] | None) -> bool:
+    """True for a sequence with one adapter (or None) per batch row, False for one shared adapter."""
+    return isinstance(adapters, Sequence) and not isinstance(adapters, Mapping)
+
+
+def rows_of(adapters: AdapterLike | Sequence[AdapterLike | None] | None, n: int) -> list[AdapterLike | None]:
+    """The adapter of each of ``n`` rows, whether given per row, shared, or None."""
+    return list(adapters) if is_per_row(adapters) else [adapters] * n  # type: ignore[arg-type, list-item]
+
+
 def stack_per_row(adapters: Sequence[AdapterLike | None]) -> dict[str, LoraPair]:
     """Batch one adapter per row into (batch, R_max, d_in) / (batch, d_out, R_max), zero-padded.
 
@@ -87,8 +97,8 @@ def lora_scope(
     if adapters is None:
         yield
         return
-    if isinstance(adapters, Sequence) and not isinstance(adapters, Mapping):
-        weights: Mapping[str, LoraPair] = stack_per_row(adapters)
+    if is_per_row(adapters):
+        weights: Mapping[str, LoraPair] = stack_per_row(adapters)  # type: ignore[arg-type]
     else:
         weights = weights_of(adapters)
     modules = dict(model.named_modules())

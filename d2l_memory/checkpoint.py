@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from d2l_memory.adapter import tensor_digest
 from d2l_memory.config import HypernetConfig
+from d2l_memory.dtypes import float_dtype
 from d2l_memory.errors import CheckpointError, IncompatibleCheckpointError
 from d2l_memory.hypernet import HyperLoRA
 
@@ -50,10 +51,10 @@ class HypernetMeta:
         name = self.training.get("train_config", {}).get("encoder_autocast")
         if name is None:
             return None
-        dtype = getattr(torch, str(name), None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise CheckpointError(f"checkpoint records an unknown encoder dtype {name!r}")
-        return dtype
+        try:
+            return float_dtype(name)
+        except ValueError:
+            raise CheckpointError(f"checkpoint records an unknown encoder dtype {name!r}") from None
 
 
 def hypernet_id_of(module: HyperLoRA) -> str:

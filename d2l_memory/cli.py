@@ -50,13 +50,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     import shlex
 
-    import torch
-
+    from d2l_memory.dtypes import float_dtype
     from d2l_memory.training.export import export_checkpoint
     from d2l_memory.training.plot import plot_training_log
 
     command = "d2l-memory " + shlex.join(args.argv)
-    meta = export_checkpoint(args.run_dir, args.out_dir, getattr(torch, args.dtype), command=command)
+    meta = export_checkpoint(args.run_dir, args.out_dir, float_dtype(args.dtype), command=command)
     print(f"exported step {meta.training.get('step')} of {args.run_dir} to {args.out_dir}")
     image = plot_training_log(args.run_dir, Path(args.out_dir) / "training.png") if args.plot else None
     if image:

@@ -24,12 +24,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from d2l_store import AdapterRecord, AdapterStore, ConflictError, GcReport, MemoryKind, RecordNotFound, Scope
 
 from d2l_memory.adapter import MemoryAdapter
 from d2l_memory.chunking import Message, as_text, render_messages
 from d2l_memory.config import GenerationConfig
+from d2l_memory.dtypes import float_dtype
 from d2l_memory.engine import MemoryEngine
 from d2l_memory.errors import InvalidDocumentError
 from d2l_memory.history import LoggedMessage, MessageLog
@@ -164,7 +164,7 @@ class MemoryProvider:
         self.config = config
         self.messages = MessageLog(store.engine)
         self._cache = _AdapterCache(config.cache_size)
-        self._dtype = getattr(torch, config.storage_dtype)
+        self._dtype = float_dtype(config.storage_dtype)
 
     # ---- documents ---------------------------------------------------------------------------
 

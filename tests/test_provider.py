@@ -223,3 +223,9 @@ def test_compaction_keeps_the_text_of_earlier_chunks(provider: MemoryProvider) -
     assert done is not None and done.record.version > 1
     text = "".join(provider.chunk_texts(provider.store.get_record(done.record.id)))
     assert "First batch 0" in text and "Bob likes teal" in text
+
+
+@pytest.mark.parametrize("bad", ["int8", "float17", "bool"])
+def test_a_storage_dtype_that_is_not_a_float_is_refused_up_front(engine: MemoryEngine, store: AdapterStore, bad: str) -> None:
+    with pytest.raises(ValueError, match=f"{bad!r} is not a torch floating-point dtype"):
+        MemoryProvider(engine, store, ProviderConfig(storage_dtype=bad))

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from d2l_memory.dtypes import float_dtype
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -97,10 +99,10 @@ class TrainConfig:
         """``encoder_autocast`` as a torch dtype; a typed error names the bad value."""
         if self.encoder_autocast is None:
             return None
-        dtype = getattr(torch, self.encoder_autocast, None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"encoder_autocast {self.encoder_autocast!r} is not a torch floating dtype, e.g. 'bfloat16'")
-        return dtype
+        try:
+            return float_dtype(self.encoder_autocast)
+        except ValueError as err:
+            raise ValueError(f"encoder_autocast {err}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,6 +176,24 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     optim_a = load_file(str(tmp_path / "straight" / "state" / "optimizer.safetensors"))
     optim_b = load_file(str(killed / "state" / "optimizer.safetensors"))
     assert all(torch.equal(optim_a[k], optim_b[k]) for k in optim_a)
+
+
+def test_a_weights_only_state_continues_only_as_a_warm_restart(tmp_path: Path) -> None:
+    base = tiny_base()
+    Trainer(tiny_config(tmp_path / "run", steps=3), base=base).run(progress=False)
+    slim = tmp_path / "slim"
+    shutil.copytree(tmp_path / "run", slim)
+    (slim / "state" / "optimizer.safetensors").unlink()
+
+    with pytest.raises(ValueError, match='weights-only .*"schedule_start": 3'):
+        Trainer(tiny_config(slim, steps=5), base=base)
+    restarted = Trainer(tiny_config(slim, steps=5, schedule_start=3), base=base)
+    assert restarted.step == 3 and not restarted.optimizer.state  # moments start from zero
+    saved = _weights(tmp_path / "run")
+    assert all(torch.equal(saved[k], v) for k, v in restarted.hypernet.state_dict().items())
+    restarted.run(progress=False)
+    assert (slim / "state" / "optimizer.safetensors").is_file()  # from here on, resumes are exact again
+    assert Trainer(tiny_config(slim, steps=6), base=base).step == 5
 
 
 def test_export_writes_a_cast_checkpoint_the_engine_loads(tmp_path: Path) -> None:

@@ -2,6 +2,10 @@
 
 Data is a pure function of (seed, step), and the hypernetwork has no dropout, so weights, optimizer
 moments and the step counter are the whole state: resuming reproduces an uninterrupted run.
+
+A *weights-only* state is the same folder without ``optimizer.safetensors`` (a third of the bytes,
+for committing a finished run where the full state would not fit). It cannot resume exactly: AdamW's
+moments start again from zero, so the trainer accepts it only at the start of a new warm-up cycle.
 """
 
 from __future__ import annotations
@@ -73,12 +77,18 @@ def latest_state_dir(run_dir: Path) -> Path | None:
     return None
 
 
+def is_weights_only(state_dir: Path) -> bool:
+    return not (state_dir / OPTIMIZER_FILE).is_file()
+
+
 def load_training_state(
     state_dir: Path, optimizer_factory, expect_base_model: str, device: str  # noqa: ANN001 - callable(params)
 ) -> tuple[HyperLoRA, torch.optim.Optimizer, dict[str, Any]]:
+    """Weights, optimizer and counters of ``state_dir``; a weights-only state gets a fresh optimizer."""
     hypernet, _ = load_hypernet(state_dir, expect_base_model=expect_base_model, device=device)
     hypernet.train()
     optimizer = optimizer_factory(hypernet.parameters())
     info = json.loads((state_dir / TRAINER_FILE).read_text())
-    restore_optimizer(optimizer, load_file(str(state_dir / OPTIMIZER_FILE)), info["optimizer"])
+    if not is_weights_only(state_dir):
+        restore_optimizer(optimizer, load_file(str(state_dir / OPTIMIZER_FILE)), info["optimizer"])
     return hypernet, optimizer, info

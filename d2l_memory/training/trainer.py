@@ -23,7 +23,13 @@ from d2l_memory.hypernet import HyperLoRA, count_parameters
 from d2l_memory.internalize import run_hypernet
 from d2l_memory.training.batch import MicroBatch, build_microbatch, student_forward, teacher_top_k
 from d2l_memory.training.config import TrainConfig
-from d2l_memory.training.state import latest_state_dir, load_training_state, save_training_state
+from d2l_memory.training.state import (
+    OPTIMIZER_FILE,
+    is_weights_only,
+    latest_state_dir,
+    load_training_state,
+    save_training_state,
+)
 from d2l_memory.training.synth import QA, Sample, mixed_sample
 
 logger = logging.getLogger(__name__)
@@ -96,6 +102,16 @@ class Trainer:
                 state_dir, self._optimizer, self.base.fingerprint, cfg.device
             )
             self.step = int(info["step"])
+            if is_weights_only(state_dir):
+                # Fresh AdamW moments would take full-size steps at whatever lr the old cycle had
+                # reached; only a new warm-up starting here makes that safe.
+                if cfg.schedule_start != self.step:
+                    raise ValueError(
+                        f"{state_dir} is weights-only (no {OPTIMIZER_FILE}): the optimizer restarts from zero, "
+                        f"so continue it as a warm restart with \"schedule_start\": {self.step} (config has "
+                        f"{cfg.schedule_start})"
+                    )
+                logger.warning("%s is weights-only: AdamW moments restart from zero at step %d", state_dir, self.step)
             logger.info("Resumed from %s at step %d", state_dir, self.step)
         else:
             torch.manual_seed(cfg.seed)

@@ -105,6 +105,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--docs", type=_domain_counts, default=None,
                    help="documents per domain, e.g. facts=24,conversation=8,tool=8")
     p.add_argument("--needle-tokens", type=int, nargs="+", default=None, help="needle document lengths in tokens")
+    p.add_argument("--reuse-baselines", metavar="EVAL_JSON",
+                   help="copy the none / in_context / rag / distill rows from an earlier eval.json of the same settings "
+                        "and base model instead of recomputing them (they do not depend on the hypernetwork)")
     p.add_argument("--benchmarks", action="store_true", help="write the results into BENCHMARKS.md")
     p.set_defaults(handler=_run_eval)
 
@@ -133,7 +136,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.no_distill:
         cfg = dataclasses.replace(cfg, modes=tuple(m for m in MODES if m != "distill"))
     engine = MemoryEngine.from_pretrained(**({"base_model": args.base_model} if args.base_model else {}), hypernet=args.hypernet)
-    result = run_eval(engine, cfg)
+    reuse = json.loads(Path(args.reuse_baselines).read_text()) if args.reuse_baselines else None
+    result = run_eval(engine, cfg, reuse=reuse)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1, default=str))

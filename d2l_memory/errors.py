@@ -25,3 +25,7 @@ class CheckpointError(D2LMemoryError):
 
 class IncompatibleCheckpointError(CheckpointError):
     """A checkpoint or adapter was made for another base model or another hypernetwork."""
+
+
+class IncomparableEvaluationError(D2LMemoryError, ValueError):
+    """An earlier evaluation's rows were offered for reuse, but it ran other documents or settings."""

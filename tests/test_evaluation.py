@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from d2l_memory import MemoryEngine
 from d2l_memory.evaluation.distill import DistillConfig, context_distill, document_probes
-from d2l_memory.evaluation.harness import EvalConfig, run_eval
+from d2l_memory.evaluation.harness import MODES, EvalConfig, run_eval
 from d2l_memory.evaluation.metrics import contains_match, exact_match, normalise, token_f1
 from d2l_memory.evaluation.report import markdown, plot
 from d2l_memory.lora import lora_scope
@@ -63,3 +64,33 @@ def test_harness_runs_every_mode_and_reports(engine: MemoryEngine, tmp_path: Pat
     replace_section(bench, "eval", "second")
     content = bench.read_text()
     assert "second" in content and "first" not in content and "keep me" in content
+
+
+def test_a_second_checkpoint_can_reuse_the_hypernet_free_rows(engine: MemoryEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from d2l_memory.errors import IncomparableEvaluationError
+    from d2l_memory.evaluation import harness
+
+    cfg = EvalConfig(docs={"facts": 2, "conversation": 1}, questions_per_doc=2, needle_tokens=(64,), needle_depths=(0.5,),
+                     distill_docs=1, distill=DistillConfig(steps=2, rank=2), max_new_tokens=3, batch_size=4)
+    first = json.loads(json.dumps(run_eval(engine, cfg, progress=False), default=str))  # as eval.json stores it
+
+    def no_distillation(*args: object, **kwargs: object) -> None:
+        raise AssertionError("reused modes must not be recomputed")
+
+    monkeypatch.setattr(harness, "context_distill", no_distillation)
+    second = run_eval(engine, cfg, progress=False, reuse=first)
+    assert second["reused"]["modes"] == ["none", "in_context", "rag", "distill"]
+    assert set(second["mode_seconds"]) == {"adapter", "hybrid", "wrong_adapter"}
+    for mode in MODES:  # same engine, greedy decoding: the recomputed modes agree too
+        assert second["summary"][mode] == first["summary"][mode], mode
+    assert "reused from an earlier run" in markdown(second, "d2l-memory eval --reuse-baselines eval.json")
+
+    with pytest.raises(IncomparableEvaluationError, match="max_new_tokens"):
+        run_eval(engine, dataclasses.replace(cfg, max_new_tokens=4), progress=False, reuse=first)
+    with pytest.raises(IncomparableEvaluationError, match="base model"):
+        run_eval(engine, cfg, progress=False, reuse={**first, "base_model": "llama-other"})
+    tampered = {**first, "rows": [{**r, "question": r["question"] + "?"} if r["mode"] == "none" else r for r in first["rows"]]}
+    with pytest.raises(IncomparableEvaluationError, match="questions differ"):
+        run_eval(engine, cfg, progress=False, reuse=tampered)

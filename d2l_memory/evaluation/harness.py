@@ -14,6 +14,7 @@ appear in training.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -30,6 +31,7 @@ from d2l_memory.engine import MemoryEngine
 from d2l_memory.evaluation.distill import DistillConfig, context_distill
 from d2l_memory.evaluation.metrics import contains_match, exact_match, token_f1
 from d2l_memory.config import GenerationConfig
+from d2l_memory.errors import IncomparableEvaluationError
 from d2l_memory.generation import context_window, generate_batch, prompt_ids
 from d2l_memory.recall import words
 from d2l_memory.training.synth import QA, Sample, make_sample, needle_document
@@ -37,6 +39,10 @@ from d2l_memory.training.synth import QA, Sample, make_sample, needle_document
 logger = logging.getLogger(__name__)
 
 MODES = ("none", "in_context", "rag", "adapter", "hybrid", "wrong_adapter", "distill")
+HYPERNET_FREE_MODES = ("none", "in_context", "rag", "distill")
+"""Modes whose answers do not depend on the hypernetwork (greedy decoding of the base model, or a
+LoRA trained by gradient descent): an evaluation of another checkpoint on the same documents may
+reuse them instead of spending most of its time recomputing them."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,8 @@ class Doc:
     needle_target_tokens: int | None = None
     """The length a needle document was cut to (its token count varies a little around it)."""
     distilled: MemoryAdapter | None = None
+    in_distill_subset: bool = False
+    """One of the fact documents that the distill mode covers (the subset its table compares on)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,34 @@ def build_docs(engine: MemoryEngine, cfg: EvalConfig) -> list[Doc]:
             docs.append(Doc(sample, list(qas), needle_depth=depth, needle_target_tokens=n_tokens))
     for doc in docs:
         doc.tokens = len(engine.tokenizer.encode(doc.sample.text, add_special_tokens=False))
+    if "distill" in cfg.modes:
+        for doc in [d for d in docs if d.sample.domain == "facts"][: cfg.distill_docs]:
+            doc.in_distill_subset = True
     return docs
+
+
+def _json_form(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def reusable_rows(previous: dict[str, Any], engine: MemoryEngine, cfg: EvalConfig, docs: Sequence[Doc]) -> list[dict[str, Any]]:
+    """The hypernetwork-free rows of an earlier result, after checking it answered the same questions
+    about the same documents with the same base model and settings; the error says what differs."""
+    ours, theirs = _json_form(asdict(cfg)), dict(previous.get("config", {}))
+    ours.pop("modes"), theirs.pop("modes", None)
+    if ours != theirs:
+        differing = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        raise IncomparableEvaluationError(f"the earlier evaluation used other settings ({', '.join(differing)}): its rows cannot be reused")
+    if previous.get("base_model") != engine.base_model_id:
+        raise IncomparableEvaluationError(f"the earlier evaluation ran on base model {previous.get('base_model')}, not {engine.base_model_id}")
+    expected = {(d.sample.sample_id, qa.question, d.tokens) for d in docs for qa in d.qas}
+    rows = [r for r in previous.get("rows", []) if r["mode"] in HYPERNET_FREE_MODES and r["mode"] in cfg.modes]
+    answered_none = {(r["doc"], r["question"], r["tokens"]) for r in rows if r["mode"] == "none"}
+    if "none" in cfg.modes and answered_none != expected:
+        raise IncomparableEvaluationError("the earlier evaluation's documents or questions differ from these (generator or tokenizer changed)")
+    if any((r["doc"], r["question"], r["tokens"]) not in expected for r in rows):
+        raise IncomparableEvaluationError("the earlier evaluation has rows for documents or questions that this one does not")
+    return rows
 
 
 def rag_context(engine: MemoryEngine, text: str, question: str, cfg: EvalConfig) -> str:
@@ -131,23 +166,28 @@ def _inputs(engine: MemoryEngine, docs: list[Doc], row: Row, mode: str, cfg: Eva
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def run_eval(engine: MemoryEngine, cfg: EvalConfig = EvalConfig(), progress: bool = True) -> dict[str, Any]:
+def run_eval(engine: MemoryEngine, cfg: EvalConfig = EvalConfig(), progress: bool = True,
+             reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every mode of ``cfg`` on the held-out documents. With ``reuse`` (an earlier result of the same
+    settings and base model), the hypernetwork-free modes are copied from it instead of recomputed."""
     started = time.perf_counter()
     docs = build_docs(engine, cfg)
+    reused = reusable_rows(reuse, engine, cfg, docs) if reuse is not None else []
+    reused_modes = sorted({r["mode"] for r in reused}, key=MODES.index)
     write_seconds: list[float] = []
     for doc in tqdm(docs, desc="internalizing", disable=not progress):
         t0 = time.perf_counter()
         doc.memory = engine.internalize(doc.sample.text, progress=False)
         write_seconds.append(time.perf_counter() - t0)
-    if "distill" in cfg.modes:
-        fact_docs = [d for d in docs if d.sample.domain == "facts"][: cfg.distill_docs]
-        for doc in tqdm(fact_docs, desc="context distillation", disable=not progress):
+    if "distill" in cfg.modes and "distill" not in reused_modes:
+        subset = [d for d in docs if d.in_distill_subset]
+        for doc in tqdm(subset, desc="context distillation", disable=not progress):
             doc.distilled = context_distill(engine, doc.sample.text, cfg.distill, seed=cfg.seed)
     rows = [Row(i, qa) for i, doc in enumerate(docs) for qa in doc.qas]
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens)
-    results: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = list(reused)
     mode_seconds: dict[str, float] = {}
-    for mode in cfg.modes:
+    for mode in (m for m in cfg.modes if m not in reused_modes):
         todo = [(row, inputs) for row in rows if (inputs := _inputs(engine, docs, row, mode, cfg)) is not None]
         # Similar prompt lengths share a batch, so short prompts are not padded to a 4K-token one.
         todo.sort(key=lambda item: len(item[1][1] or ""))
@@ -171,6 +211,7 @@ def run_eval(engine: MemoryEngine, cfg: EvalConfig = EvalConfig(), progress: boo
         "internalize_seconds_mean": sum(write_seconds) / len(write_seconds),
         "mode_seconds": mode_seconds,
         "total_seconds": time.perf_counter() - started,
+        "reused": {"modes": reused_modes, "hypernet": reuse.get("hypernet")} if reused_modes and reuse else None,
         "summary": summarise(results),
         "rows": results,
     }
@@ -181,7 +222,7 @@ def _score(doc: Doc, qa: QA, mode: str, answer: str) -> dict[str, Any]:
         "doc": doc.sample.sample_id, "domain": doc.sample.domain, "tokens": doc.tokens, "depth": doc.needle_depth,
         "target_tokens": doc.needle_target_tokens,
         "mode": mode, "question": qa.question, "gold": qa.answer, "answer": answer, "kind": qa.kind,
-        "value_class": qa.value_class, "open_value": qa.open_value, "distilled_doc": doc.distilled is not None,
+        "value_class": qa.value_class, "open_value": qa.open_value, "distilled_doc": doc.in_distill_subset,
         "contains": contains_match(answer, qa.answer), "exact": exact_match(answer, qa.answer),
         "f1": token_f1(answer, qa.answer),
     }  # fmt: skip

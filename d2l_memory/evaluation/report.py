@@ -35,6 +35,15 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"{result['n_docs']} documents, {result['n_questions']} questions, {result['total_seconds'] / 60:.1f} min. "
         "Greedy answers scored by normalised contains-match (exact match and token F1 in the JSON).",
         "",
+    ]
+    if result.get("reused"):
+        lines += [
+            f"Rows {', '.join(result['reused']['modes'])} are reused from an earlier run on the same documents, questions "
+            f"and settings (hypernetwork `{result['reused']['hypernet']}`): they do not depend on the hypernetwork; "
+            "the minutes above are this run's alone.",
+            "",
+        ]
+    lines += [
         "| mode | short docs | facts | facts: closed-set values | facts: unseen values | conversations | tool docs |",
         "|---|---|---|---|---|---|---|",
     ]

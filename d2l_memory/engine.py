@@ -34,6 +34,7 @@ from d2l_memory.base_model import (
 from d2l_memory.checkpoint import HypernetMeta, hypernet_id_of, load_hypernet
 from d2l_memory.chunking import Message, as_text, chunk_text, user_turn_affixes
 from d2l_memory.config import ChunkConfig, EncoderConfig, GenerationConfig, HypernetConfig, TargetSpec
+from d2l_memory.dtypes import computes_natively
 from d2l_memory.generation import generate_batch, prompt_ids, stream_tokens
 from d2l_memory.hypernet import HyperLoRA
 from d2l_memory.internalize import gather_weights, run_hypernet
@@ -128,10 +129,12 @@ class MemoryEngine:
     ) -> MemoryEngine:
         """Load a base model and a hypernetwork checkpoint (the shipped one by default), offline.
 
-        ``encoder_autocast`` defaults to the encoder dtype recorded in the checkpoint's training config,
-        so adapters are made from the same kind of activations the hypernetwork learned from (bf16 for
-        the shipped one, which also writes memories 1.5–2× faster on this CPU); pass ``None`` for a
-        full-precision pass, e.g. on a CPU without bf16 arithmetic, where bf16 autocast can be slower.
+        ``encoder_autocast="as-trained"`` (the default) uses the encoder dtype recorded in the
+        checkpoint's training config when the device computes it natively, so adapters come from the
+        kind of activations the hypernetwork learned from at no cost in speed (bf16 wrote memories
+        1.5–2× faster on a CPU with AMX); on a CPU that would emulate it (no AVX512-BF16 / AMX) it
+        falls back to full precision, which is faster there and differs by about 1% (see BENCHMARKS).
+        Pass a dtype or ``None`` (full precision) to decide explicitly.
 
         With no checkpoint for this base model, an untrained hypernetwork is used and a warning is
         logged: its adapters are exactly zero, so answers equal the base model's.
@@ -140,7 +143,12 @@ class MemoryEngine:
         path = Path(hypernet) if hypernet is not None else shipped_checkpoint(base_model)
         if path is not None:
             module, meta = load_hypernet(path, expect_base_model=base.fingerprint, device=device)
-            autocast = meta.trained_encoder_autocast if encoder_autocast == "as-trained" else encoder_autocast
+            autocast = encoder_autocast
+            if encoder_autocast == "as-trained":
+                autocast = meta.trained_encoder_autocast
+                if autocast is not None and not computes_natively(autocast, device):
+                    logger.info("%s has no native %s arithmetic: encoder pass in full precision instead", device, autocast)
+                    autocast = None
             logger.info("Loaded hypernetwork %s from %s (encoder pass in %s)", meta.hypernet_id, path,
                         autocast or "full precision")
             return cls(base, module, hypernet_id=meta.hypernet_id, chunking=chunking, generation=generation,

@@ -140,7 +140,9 @@ def test_from_pretrained_with_a_local_model_and_checkpoint(tmp_path: Path) -> No
     assert engine.generate("Where does Alice live?", memory=again) == engine.generate("Where does Alice live?", memory=memory)
 
 
-def test_the_encoder_pass_runs_in_the_dtype_the_checkpoint_was_trained_with(tmp_path: Path) -> None:
+def test_the_encoder_pass_runs_in_the_dtype_the_checkpoint_was_trained_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pretend this CPU has bf16 arithmetic; the fallback for one without is the next test.
+    monkeypatch.setattr("d2l_memory.engine.computes_natively", lambda dtype, device: True)
     model_dir = save_tiny_model(tmp_path / "model")
     base = tiny_base(0)
     net = tiny_hypernet(base.model)
@@ -155,6 +157,21 @@ def test_the_encoder_pass_runs_in_the_dtype_the_checkpoint_was_trained_with(tmp_
     # A checkpoint without a training record (saved by hand) runs the encoder in full precision.
     save_hypernet(tmp_path / "plain", net, base_model_name="tiny", base_model_fingerprint=base.fingerprint)
     assert MemoryEngine.from_pretrained(str(model_dir), tmp_path / "plain").encoder_autocast is None
+
+
+def test_a_cpu_without_native_bf16_runs_the_encoder_in_full_precision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from d2l_memory.dtypes import computes_natively
+
+    monkeypatch.setattr("d2l_memory.engine.computes_natively", lambda dtype, device: dtype != torch.bfloat16)
+    model_dir = save_tiny_model(tmp_path / "model")
+    base = tiny_base(0)
+    save_hypernet(tmp_path / "bf16", tiny_hypernet(base.model), base_model_name="tiny",
+                  base_model_fingerprint=base.fingerprint, training={"train_config": {"encoder_autocast": "bfloat16"}})
+    assert MemoryEngine.from_pretrained(str(model_dir), tmp_path / "bf16").encoder_autocast is None
+    # An explicit choice is the caller's, emulated or not.
+    chosen = MemoryEngine.from_pretrained(str(model_dir), tmp_path / "bf16", encoder_autocast=torch.bfloat16)
+    assert chosen.encoder_autocast == torch.bfloat16
+    assert computes_natively(torch.float32, "cpu") and computes_natively(torch.bfloat16, "cuda")
 
 
 def test_a_checkpoint_for_another_base_model_is_refused(tmp_path: Path) -> None:

@@ -100,16 +100,18 @@ def score_saved_run(spec: dict[str, Any], run_dir: Path, name: str, encoder_auto
     return result
 
 
-def scored(spec: dict[str, Any], root: Path = ROOT) -> list[dict[str, Any]]:
-    """Every score.json under ``root``: the spec's variants in its order, then reference rows (--score-run)."""
-    names = list(spec["variants"]) + sorted(p.parent.name for p in root.glob("*/score.json")
-                                            if p.parent.name not in spec["variants"])
-    return [json.loads((root / name / "score.json").read_text())
-            for name in names if (root / name / "score.json").exists()]
+def scored(spec: dict[str, Any], root: Path = ROOT, committed: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """Every result: ``committed`` rows (the raw file in the repository) updated by the score.json
+    files under ``root`` (this machine's runs), so a new machine's report keeps earlier sessions' rows.
+    Order: the spec's variants in its order, then reference rows (--score-run) by name."""
+    by_name = {r["variant"]: r for r in committed}
+    by_name |= {p.parent.name: json.loads(p.read_text()) for p in root.glob("*/score.json")}
+    names = [n for n in spec["variants"] if n in by_name] + sorted(n for n in by_name if n not in spec["variants"])
+    return [by_name[name] for name in names]
 
 
-def report(spec: dict[str, Any], root: Path = ROOT) -> str:
-    results = scored(spec, root)
+def report(spec: dict[str, Any], root: Path = ROOT, committed: Sequence[dict[str, Any]] = ()) -> str:
+    results = scored(spec, root, committed)
     groups = sorted({g for r in results for g in r["scores"]}, key=lambda g: (g.split(",")[0], g))
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     lines = [f"Variants: {spec['steps']} steps from scratch each. Every row is scored teacher-forced on the same "
@@ -149,13 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                   score_saved_run(spec, args.score_run, args.name or args.score_run.name, args.encoder_autocast))
         print(json.dumps(result["scores"], indent=2))
         return 0
-    table = report(spec)
+    raw = Path("benchmarks/results/ablations.json")
+    committed = json.loads(raw.read_text()) if raw.is_file() else []
+    table = report(spec, committed=committed)
     print(table)
     if args.benchmarks:
         from d2l_memory.reporting import replace_section
 
-        raw = Path("benchmarks/results/ablations.json")
-        raw.write_text(json.dumps(scored(spec), indent=1))
+        raw.write_text(json.dumps(scored(spec, committed=committed), indent=1))
         command = f"python benchmarks/ablate.py {args.spec} --variant NAME (each), then --report --benchmarks"
         replace_section(Path("BENCHMARKS.md"), "ablations",
                         f"## Recipe ablations\n\n`{command}`\n\n{table}\n\nRaw results: `{raw.as_posix()}`\n")

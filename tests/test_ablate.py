@@ -41,6 +41,10 @@ def test_variants_are_scored_on_the_same_questions_and_tabulated(tmp_path: Path)
     assert "| plain | (base) | 3 |" in table
     assert '| mixed | domain_weights={"facts": 0.5, "tool": 0.5}, multi_chunk_prob=1.0 | 3 |' in table
     assert table.index("| mixed |") < table.index("| ref-bf16 |")
+    # Rows committed by an earlier machine stay in the report; this machine's runs replace theirs.
+    earlier = [{**results[0], "variant": "from-another-machine"}, {**results[1], "steps": 999}]
+    merged = ablate.report(spec, root=tmp_path, committed=earlier)
+    assert "| from-another-machine |" in merged and "| mixed | " in merged and "| 999 |" not in merged
 
 
 def test_unknown_variant_is_a_usage_error(tmp_path: Path) -> None:

@@ -238,7 +238,11 @@ def test_training_record_lists_every_held_out_check(tmp_path: Path) -> None:
 def test_training_record_names_a_warm_restart(tmp_path: Path) -> None:
     from d2l_memory.training.report import training_markdown
 
+    base = tiny_base()
+    with pytest.raises(ValueError, match="holds no state to continue"):  # a continued run's config, copied
+        Trainer(tiny_config(tmp_path / "run", steps=4, schedule_start=2), base=base)
+    Trainer(tiny_config(tmp_path / "run", steps=2), base=base).run(progress=False)
     cfg = tiny_config(tmp_path / "run", steps=4, eval_every=2, schedule_start=2, encoder_autocast="bfloat16")
-    Trainer(cfg, base=tiny_base()).run(progress=False)
+    Trainer(cfg, base=base).run(progress=False)
     text = training_markdown(tmp_path / "run", tmp_path / "ckpt", "d2l-memory export-checkpoint run ckpt")
     assert "warm restart at step 2" in text and "encoder pass in bfloat16" in text

@@ -114,6 +114,13 @@ class Trainer:
                 logger.warning("%s is weights-only: AdamW moments restart from zero at step %d", state_dir, self.step)
             logger.info("Resumed from %s at step %d", state_dir, self.step)
         else:
+            if cfg.schedule_start:
+                # A config copied from a continued run would otherwise crawl at lr/warmup_steps until
+                # step schedule_start, silently.
+                raise ValueError(
+                    f"schedule_start {cfg.schedule_start} continues a run, but {self.run_dir} holds no state to "
+                    f"continue: copy the run's state there (training-runs/README.md) or set schedule_start 0"
+                )
             torch.manual_seed(cfg.seed)
             self.hypernet = HyperLoRA(self.hypernet_cfg).to(cfg.device).train()
             self.optimizer = self._optimizer(self.hypernet.parameters())

@@ -3,10 +3,11 @@
 The scenario is built from the held-out split (values training never saw), so these measure the
 checkpoint, not memorisation. Decoding is greedy and the weights are fixed, so results are repeatable.
 
-The checkpoint shipped on 2026-12-02 (1600 CPU steps) does not meet the two quality requirements: measured,
-the compacted 40-message conversation answered 1/6 early-turn questions (window alone 0/6; the test asks
-for a gain of at least 0.25), and neither compacted fact was recalled before a chunk was dropped (the
-step-600 checkpoint: 0/6 and none). Those two tests are strict xfails: they
+The shipped checkpoints so far do not meet the two quality requirements. Measured: the compacted
+40-message conversation answered 0/6 early-turn questions with the step-1550 checkpoint shipped on
+2026-12-03 (1/6 with the step-1600 one before it, 0/6 with step 600; the window alone 0/6, and the
+test asks for a gain of at least 0.25), and none of them recalled either compacted fact before a
+chunk was dropped. Those two tests are strict xfails: they
 state the requirement, CI reports them as known failures, and they turn into errors (XPASS) as soon as
 a better checkpoint meets them, so the marker has to be removed then.
 """
@@ -87,7 +88,7 @@ def compaction_scores(engine: MemoryEngine, provider: MemoryProvider) -> tuple[f
 
 
 KNOWN_WEAK_CHECKPOINT = pytest.mark.xfail(
-    strict=True, reason="shipped checkpoint (1600 CPU steps) does not yet recall compacted facts; see module doc")
+    strict=True, reason="shipped checkpoint (1550 CPU steps) does not yet recall compacted facts; see module doc")
 
 
 @KNOWN_WEAK_CHECKPOINT

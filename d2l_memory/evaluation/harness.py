@@ -109,23 +109,29 @@ def _json_form(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def reusable_rows(previous: dict[str, Any], engine: MemoryEngine, cfg: EvalConfig, docs: Sequence[Doc]) -> list[dict[str, Any]]:
+def reusable_rows(
+    previous: dict[str, Any], engine: MemoryEngine, cfg: EvalConfig, docs: Sequence[Doc]
+) -> list[dict[str, Any]]:
     """The hypernetwork-free rows of an earlier result, after checking it answered the same questions
     about the same documents with the same base model and settings; the error says what differs."""
     ours, theirs = _json_form(asdict(cfg)), dict(previous.get("config", {}))
     ours.pop("modes"), theirs.pop("modes", None)
     if ours != theirs:
         differing = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-        raise IncomparableEvaluationError(f"the earlier evaluation used other settings ({', '.join(differing)}): its rows cannot be reused")
+        raise IncomparableEvaluationError(
+            f"the earlier evaluation used other settings ({', '.join(differing)}): its rows cannot be reused")
     if previous.get("base_model") != engine.base_model_id:
-        raise IncomparableEvaluationError(f"the earlier evaluation ran on base model {previous.get('base_model')}, not {engine.base_model_id}")
+        raise IncomparableEvaluationError(
+            f"the earlier evaluation ran on base model {previous.get('base_model')}, not {engine.base_model_id}")
     expected = {(d.sample.sample_id, qa.question, d.tokens) for d in docs for qa in d.qas}
     rows = [r for r in previous.get("rows", []) if r["mode"] in HYPERNET_FREE_MODES and r["mode"] in cfg.modes]
     answered_none = {(r["doc"], r["question"], r["tokens"]) for r in rows if r["mode"] == "none"}
     if "none" in cfg.modes and answered_none != expected:
-        raise IncomparableEvaluationError("the earlier evaluation's documents or questions differ from these (generator or tokenizer changed)")
+        raise IncomparableEvaluationError(
+            "the earlier evaluation's documents or questions differ from these (generator or tokenizer changed)")
     if any((r["doc"], r["question"], r["tokens"]) not in expected for r in rows):
-        raise IncomparableEvaluationError("the earlier evaluation has rows for documents or questions that this one does not")
+        raise IncomparableEvaluationError(
+            "the earlier evaluation has rows for documents or questions that this one does not")
     return rows
 
 

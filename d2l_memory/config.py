@@ -56,6 +56,11 @@ class HypernetConfig:
     """Let each rank slot point at a chunk token and write that token's embedding into B.
     Only used for targets whose output is the residual stream (d_out == base_hidden_size) and
     whose base model ties input and output embeddings, so the written vector names a token."""
+    head_layer_rank: int = 0
+    """Rank of a per-layer correction to the heads' shared A and B projections (0: none). A target's
+    input space differs from layer to layer, and a head shared by all layers can only shift its output
+    by a layer-dependent offset. The correction starts at zero, so a trained hypernetwork can grow it
+    (``d2l_memory.training.grow``) and continue from the same function."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """Where the activations come from; the trained weights only fit this choice."""
 

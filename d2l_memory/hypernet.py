@@ -15,6 +15,8 @@ S = L · targets · r slots):
    - A mixes a learned projection with a *key*: the target module's own input at the pointed
      positions of that layer (centred over the chunk, scaled per feature). A key lives exactly in the
      space A acts on, so a slot fires when the student's state resembles the document's state there.
+   - Optional per-layer correction (``head_layer_rank``): a low-rank, layer-specific term added to
+     the shared A and B projections, zero at initialisation.
    - Copy path (targets writing into the residual stream of a model with tied embeddings): B mixes
      a learned projection with the input embeddings of the pointed tokens and of the tokens right
      after them. Since the output head shares those embeddings, a slot can store "in this state, say
@@ -106,6 +108,12 @@ class LoraHead(nn.Module):
         self.scale_b = nn.Parameter(torch.zeros(n_layers, r))  # ΔW = 0 at initialisation
         self.key_scale = nn.Parameter(torch.ones(n_layers, target.d_in))
         self.key_mix = nn.Parameter(torch.full((n_layers, 1), 2.0))  # logit: keys first, learned A second
+        self.layer_rank = cfg.head_layer_rank
+        if self.layer_rank:
+            k = self.layer_rank
+            self.layer_down = nn.Parameter(torch.randn(n_layers, 2 * w, k) / math.sqrt(2 * w))
+            self.layer_up_a = nn.Parameter(torch.zeros(n_layers, k, target.d_in))  # zero: grows from a trained head
+            self.layer_up_b = nn.Parameter(torch.zeros(n_layers, k, target.d_out))
         if use_copy:
             self.copy_gate = nn.Linear(2 * w, 2)  # mix of (pointed token, next token) embeddings
             self.copy_mix = nn.Parameter(torch.zeros(n_layers, 1))  # logit of copy vs learned B
@@ -124,7 +132,12 @@ class LoraHead(nn.Module):
         logits = self.ptr_q(flat) @ self.ptr_k(ctx).transpose(1, 2) / math.sqrt(w)  # (N, L·r, T)
         pointer = logits.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)
         z = self.norm(torch.cat([flat, pointer @ ctx], -1)).view(n, n_layers, r, 2 * w)
-        a = F.normalize(self.to_a(z), dim=-1)
+        a_raw, b_raw = self.to_a(z), self.to_b(z)
+        if self.layer_rank:
+            h = torch.einsum("nlrw,lwk->nlrk", z, self.layer_down)
+            a_raw = a_raw + torch.einsum("nlrk,lkd->nlrd", h, self.layer_up_a)
+            b_raw = b_raw + torch.einsum("nlrk,lkd->nlrd", h, self.layer_up_b)
+        a = F.normalize(a_raw, dim=-1)
         if keys is not None:
             # The pointed key, centred over the chunk. The pointer sums to 1 over real tokens, so
             # pointer @ (keys - mean) = pointer @ keys - mean: two batched matmuls, and no centred
@@ -135,7 +148,7 @@ class LoraHead(nn.Module):
             key = F.normalize(key * self.key_scale[None, :, None, :], dim=-1)
             mix = torch.sigmoid(self.key_mix)[None, :, :, None]  # (1, L, 1, 1)
             a = F.normalize(mix * key + (1 - mix) * a, dim=-1)
-        b = F.normalize(self.to_b(z), dim=-1)
+        b = F.normalize(b_raw, dim=-1)
         if self.use_copy and token_embeds is not None:
             h = token_embeds.shape[-1]
             gate = self.copy_gate(z).softmax(-1)  # (N, L, r, 2)

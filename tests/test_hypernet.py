@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from d2l_memory import EncoderConfig, HypernetConfig, TargetSpec
@@ -104,3 +106,25 @@ def test_bf16_encoder_autocast_gives_fp32_activations_close_to_fp32() -> None:
     for ref, got in ((full.features, half.features), (full.keys["mlp.down_proj"], half.keys["mlp.down_proj"])):
         relative = (got - ref).norm() / ref.norm()
         assert 0 < relative < 0.05  # bf16 really ran (not bit-identical), and stayed close
+
+
+def test_per_layer_head_correction_starts_at_zero_and_learns_per_layer() -> None:
+    model = tiny_model()
+    plain_cfg = tiny_hypernet_config(model)
+    torch.manual_seed(0)
+    plain = HyperLoRA(plain_cfg)
+    corrected = HyperLoRA(dataclasses.replace(plain_cfg, head_layer_rank=3))
+    missing, unexpected = corrected.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and {m.rsplit(".", 1)[-1] for m in missing} == {"layer_down", "layer_up_a", "layer_up_b"}
+    with torch.no_grad():
+        for net in (plain, corrected):
+            net.heads["mlp__down_proj"].scale_b.fill_(1.0)  # a non-zero ΔW, so B's direction matters too
+    chunks = chunk_ids(["Alice lives in Paris."])
+    before = run_hypernet(model, plain, chunks)["mlp.down_proj"]
+    after = run_hypernet(model, corrected, chunks)["mlp.down_proj"]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))  # zero-initialised: the same adapter
+
+    a, b = after
+    (a[:, 0].sum() + b[:, 0].sum()).backward()  # a loss on layer 0 alone
+    up_a = corrected.heads["mlp__down_proj"].layer_up_a.grad
+    assert up_a[0].abs().sum() > 0 and up_a[1:].abs().sum() == 0  # each layer has its own correction

@@ -16,6 +16,7 @@ from d2l_memory.training import vocab
 from d2l_memory.training.config import TrainConfig
 from d2l_memory.training.synth import DOMAINS, make_sample, mixed_sample
 from d2l_memory.training.batch import TeacherTopK, student_forward, teacher_top_k, top_k_kl
+from d2l_memory.internalize import run_hypernet
 from d2l_memory.training.trainer import Trainer, lr_factor
 from tiny import tiny_base
 
@@ -194,6 +195,32 @@ def test_a_weights_only_state_continues_only_as_a_warm_restart(tmp_path: Path) -
     restarted.run(progress=False)
     assert (slim / "state" / "optimizer.safetensors").is_file()  # from here on, resumes are exact again
     assert Trainer(tiny_config(slim, steps=6), base=base).step == 5
+
+
+def test_a_run_grows_a_per_layer_head_correction_only_at_a_warm_restart(tmp_path: Path) -> None:
+    base = tiny_base()
+    Trainer(tiny_config(tmp_path / "run", steps=3), base=base).run(progress=False)
+    grown_hypernet = {"width": 32, "n_heads": 2, "n_blocks": 1, "proj_hidden": 64, "head_layer_rank": 4}
+
+    with pytest.raises(ValueError, match='grows the hypernetwork.*"schedule_start": 3'):
+        Trainer(tiny_config(tmp_path / "run", steps=5, hypernet=grown_hypernet), base=base)
+    with pytest.raises(ValueError, match=r"differs from the configured one in \['width'"):
+        Trainer(tiny_config(tmp_path / "run", steps=5, schedule_start=3, hypernet={**grown_hypernet, "width": 64}),
+                base=base)
+
+    old = Trainer(tiny_config(tmp_path / "run", steps=3), base=base)
+    grown = Trainer(tiny_config(tmp_path / "run", steps=5, schedule_start=3, hypernet=grown_hypernet), base=base)
+    assert grown.step == 3 and grown.hypernet.cfg.head_layer_rank == 4 and not grown.optimizer.state
+    batch = grown.microbatch(3, 0)
+    with torch.no_grad():
+        before = run_hypernet(base.model, old.hypernet, batch.chunks)
+        after = run_hypernet(base.model, grown.hypernet, batch.chunks)
+    assert all(torch.equal(x, y) for name in before for x, y in zip(before[name], after[name]))
+
+    grown.run(progress=False)
+    saved = _weights(tmp_path / "run")
+    assert any(k.endswith("layer_up_a") and v.abs().sum() > 0 for k, v in saved.items())  # it trained
+    assert Trainer(tiny_config(tmp_path / "run", steps=6, hypernet=grown_hypernet), base=base).step == 5  # plain resume
 
 
 def test_export_writes_a_cast_checkpoint_the_engine_loads(tmp_path: Path) -> None:

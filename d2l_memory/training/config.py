@@ -55,7 +55,9 @@ class TrainConfig:
     rank: int = 8
     targets: tuple[str, ...] = ("mlp.down_proj",)
     hypernet: dict[str, Any] = field(default_factory=dict)
-    """Overrides of HypernetConfig fields (width, n_blocks, n_heads, proj_hidden, copy_path)."""
+    """Overrides of HypernetConfig fields (width, n_blocks, n_heads, proj_hidden, copy_path,
+    head_layer_rank). A resumed run must match its saved network, except that ``head_layer_rank`` may
+    grow from 0 at a warm restart (``d2l_memory.training.grow``)."""
     feature_layer: int | None = None
     """See EncoderConfig.feature_layer."""
     target_keys: bool = True

@@ -23,6 +23,7 @@ from d2l_memory.hypernet import HyperLoRA, count_parameters
 from d2l_memory.internalize import run_hypernet
 from d2l_memory.training.batch import MicroBatch, build_microbatch, student_forward, teacher_top_k
 from d2l_memory.training.config import TrainConfig
+from d2l_memory.training.grow import grown_hypernet
 from d2l_memory.training.state import (
     OPTIMIZER_FILE,
     is_weights_only,
@@ -113,6 +114,8 @@ class Trainer:
                     )
                 logger.warning("%s is weights-only: AdamW moments restart from zero at step %d", state_dir, self.step)
             logger.info("Resumed from %s at step %d", state_dir, self.step)
+            if self.hypernet.cfg != self.hypernet_cfg:
+                self._grow(state_dir)
         else:
             if cfg.schedule_start:
                 # A config copied from a continued run would otherwise crawl at lr/warmup_steps until
@@ -125,6 +128,18 @@ class Trainer:
             self.hypernet = HyperLoRA(self.hypernet_cfg).to(cfg.device).train()
             self.optimizer = self._optimizer(self.hypernet.parameters())
         logger.info("Hypernetwork: %s parameters", f"{count_parameters(self.hypernet):,}")
+
+    def _grow(self, state_dir: Path) -> None:
+        """The config adds zero-initialised components to the saved network (or is an error)."""
+        if self.cfg.schedule_start != self.step:
+            # The new parameters have no AdamW moments; like a weights-only state, only a new warm-up is safe.
+            raise ValueError(
+                f"the config grows the hypernetwork saved in {state_dir}: do it at a warm restart, "
+                f"\"schedule_start\": {self.step} (config has {self.cfg.schedule_start})"
+            )
+        self.hypernet = grown_hypernet(self.hypernet, self.hypernet_cfg, seed=self.cfg.seed + self.step)
+        self.optimizer = self._optimizer(self.hypernet.parameters())
+        logger.warning("Grew the hypernetwork of %s at step %d; AdamW moments restart from zero", state_dir, self.step)
 
     def _optimizer(self, params: Any) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.98))

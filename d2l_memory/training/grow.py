@@ -1,0 +1,43 @@
+"""Growing a trained hypernetwork: new components that start at zero, everything learned kept.
+
+Only config fields whose new parameters are zero-initialised may grow, so the grown network makes
+exactly the adapters the old one made until training moves it. Every other field must match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from d2l_memory.config import HypernetConfig
+from d2l_memory.hypernet import HyperLoRA
+
+GROWABLE_FIELDS = ("head_layer_rank",)
+"""HypernetConfig fields that may go from 0 to a positive value on a trained network."""
+
+_GROWN_PARAMETERS = ("layer_down", "layer_up_a", "layer_up_b")
+"""Parameter names the growable fields add (LoraHead)."""
+
+
+def grown_hypernet(trained: HyperLoRA, config: HypernetConfig, seed: int) -> HyperLoRA:
+    """``trained`` with the components ``config`` adds; raises ValueError if ``config`` is not a pure growth."""
+    before = trained.cfg
+    as_before = dataclasses.replace(config, **{name: getattr(before, name) for name in GROWABLE_FIELDS})
+    if as_before != before:
+        changed = [f.name for f in dataclasses.fields(before) if getattr(before, f.name) != getattr(config, f.name)]
+        raise ValueError(
+            f"the saved hypernetwork differs from the configured one in {changed}; only {list(GROWABLE_FIELDS)} "
+            "can be added to a trained network (start a new run for other changes)"
+        )
+    for name in GROWABLE_FIELDS:
+        if getattr(before, name) not in (0, getattr(config, name)):
+            raise ValueError(f"{name} can only grow from 0 (saved {getattr(before, name)}, configured {getattr(config, name)})")
+    torch.manual_seed(seed)  # the new down-projections are random: make them reproducible
+    device = next(trained.parameters()).device
+    grown = HyperLoRA(config).to(device)
+    missing, unexpected = grown.load_state_dict(trained.state_dict(), strict=False)
+    foreign = [key for key in missing if key.rsplit(".", 1)[-1] not in _GROWN_PARAMETERS]
+    if unexpected or foreign:
+        raise ValueError(f"cannot grow the saved hypernetwork: unexpected {unexpected[:3]}, missing {foreign[:3]}")
+    return grown.train(trained.training)

@@ -56,8 +56,27 @@ def summarise(rows: Sequence[HeldOutRow]) -> dict[str, Any]:
     return {"n": len(rows), **HeldOutScore.of(rows).__dict__} if rows else {"n": 0}
 
 
+POSITIONS = ("first", "later", "end")
+"""Answer-token positions: the value's first token, its other tokens, the end-of-turn token."""
+
+
+def by_position(rows: Sequence[HeldOutRow]) -> dict[str, dict[str, float]]:
+    """Teacher-forced token accuracy at each answer position, own / wrong adapter. Tells a value that
+    is never started apart from one that is started and then lost."""
+    counts = {p: [0, 0, 0] for p in POSITIONS}  # own hits, wrong hits, tokens
+    for row in rows:
+        for index, (own, wrong) in enumerate(zip(row.own_hits, row.wrong_hits)):
+            position = "end" if index == len(row.own_hits) - 1 else "first" if index == 0 else "later"
+            tally = counts[position]
+            tally[0] += own
+            tally[1] += wrong
+            tally[2] += 1
+    return {p: {"own": o / n, "wrong": w / n, "n": n} for p, (o, w, n) in counts.items() if n}
+
+
 def score(trainer: Trainer, spec: dict[str, Any], encoder_autocast: torch.dtype | None = None) -> dict[str, Any]:
-    """Scores of the trainer's current hypernetwork on the spec's fixed held-out set, by group."""
+    """Scores of the trainer's current hypernetwork on the spec's fixed held-out set, by group, and
+    the unseen fact values' token accuracy by position (under the key ``positions``)."""
     groups: dict[str, Sequence[HeldOutRow]] = {}
     for domain, samples in score_set(spec, trainer.cfg.seed).items():
         rows = trainer.held_out_rows(samples, encoder_autocast)
@@ -65,7 +84,10 @@ def score(trainer: Trainer, spec: dict[str, Any], encoder_autocast: torch.dtype 
         if domain == "facts":
             groups["facts, closed-set values"] = [r for r in rows if not r.qa.open_value]
             groups["facts, unseen values"] = [r for r in rows if r.qa.open_value]
-    return {group: summarise(rows) for group, rows in groups.items()}
+    result: dict[str, Any] = {group: summarise(rows) for group, rows in groups.items()}
+    if "facts, unseen values" in groups:
+        result["positions"] = by_position(groups["facts, unseen values"])
+    return result
 
 
 def step_times(run_dir: Path) -> dict[str, float]:
@@ -112,7 +134,7 @@ def scored(spec: dict[str, Any], root: Path = ROOT, committed: Sequence[dict[str
 
 def report(spec: dict[str, Any], root: Path = ROOT, committed: Sequence[dict[str, Any]] = ()) -> str:
     results = scored(spec, root, committed)
-    groups = sorted({g for r in results for g in r["scores"]}, key=lambda g: (g.split(",")[0], g))
+    groups = sorted({g for r in results for g in r["scores"] if g != "positions"}, key=lambda g: (g.split(",")[0], g))
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     lines = [f"Variants: {spec['steps']} steps from scratch each. Every row is scored teacher-forced on the same "
              + ", ".join(f"{n} held-out {d} documents" for d, n in spec["score"].items())
@@ -129,6 +151,16 @@ def report(spec: dict[str, Any], root: Path = ROOT, committed: Sequence[dict[str
         overrides = ", ".join(f"{k}={json.dumps(v)}" for k, v in r["overrides"].items()) or "(base)"
         lines.append(f"| {r['variant']} | {overrides} | {r['steps']} | {r['median_step_seconds']:.2f} | "
                      + " | ".join(cells) + " |")
+    with_positions = [r for r in results if "positions" in r["scores"]]
+    if with_positions:
+        lines += ["", "Unseen fact values, token accuracy by position in the answer, own / wrong adapter, % "
+                  "(rows scored since 2026-12-03 only):", "",
+                  "| variant | " + " | ".join(f"{p} token" if p != "end" else "end of answer" for p in POSITIONS) + " |",
+                  "|---|" + "---|" * len(POSITIONS)]
+        for r in with_positions:
+            at = r["scores"]["positions"]
+            lines.append(f"| {r['variant']} | " + " | ".join(
+                f"{pct(at[p]['own'])} / {pct(at[p]['wrong'])}" if p in at else "–" for p in POSITIONS) + " |")
     return "\n".join(lines)
 
 

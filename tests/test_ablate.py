@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from d2l_memory.training.trainer import HeldOutScore
+from d2l_memory.training.synth import QA
+from d2l_memory.training.trainer import HeldOutRow, HeldOutScore
 from bench_modules import load_benchmark
 from tiny import tiny_base
 
@@ -45,6 +46,22 @@ def test_variants_are_scored_on_the_same_questions_and_tabulated(tmp_path: Path)
     earlier = [{**results[0], "variant": "from-another-machine"}, {**results[1], "steps": 999}]
     merged = ablate.report(spec, root=tmp_path, committed=earlier)
     assert "| from-another-machine |" in merged and "| mixed | " in merged and "| 999 |" not in merged
+    # Unseen values by answer position: every token counted once, and a row in the second table.
+    positions = results[0]["scores"]["positions"]
+    unseen_tokens = sum(p["n"] for p in positions.values())
+    assert positions["end"]["n"] == results[0]["scores"]["facts, unseen values"]["n"] and unseen_tokens > positions["end"]["n"]
+    assert "| plain | " in table.split("by position in the answer")[1]
+
+
+def test_positions_split_first_later_and_end_tokens() -> None:
+    ablate = load_benchmark("ablate")
+    qa = QA("q?", "a", "single", "city", True)
+    rows = [HeldOutRow(qa, 0.5, 0.25, 1.0, (True, False, False, True), (False, False, True, True)),
+            HeldOutRow(qa, 1.0, 0.5, 1.0, (True, True), (False, True))]
+    at = ablate.by_position(rows)
+    assert at["first"] == {"own": 1.0, "wrong": 0.0, "n": 2}
+    assert at["later"] == {"own": 0.0, "wrong": 0.5, "n": 2}
+    assert at["end"] == {"own": 1.0, "wrong": 1.0, "n": 2}
 
 
 def test_unknown_variant_is_a_usage_error(tmp_path: Path) -> None:
@@ -61,6 +78,10 @@ def test_held_out_score_of_rows_matches_the_run_check(tmp_path: Path) -> None:
     trainer = Trainer(ablate.variant_config(spec, "plain", tmp_path), base=tiny_base())
     rows = trainer.held_out_rows(trainer.samples("test", 0, 2))
     assert HeldOutScore.of(rows) == trainer.held_out()
+    for row in rows:  # per-token hits agree with the row's token accuracy
+        assert len(row.own_hits) == len(row.wrong_hits) > 1
+        assert sum(row.own_hits) / len(row.own_hits) == pytest.approx(row.own_token_acc)
+        assert sum(row.wrong_hits) / len(row.wrong_hits) == pytest.approx(row.wrong_token_acc)
     with pytest.raises(ValueError, match="no held-out questions"):
         HeldOutScore.of([])
     with pytest.raises(ValueError, match="at least two documents"):

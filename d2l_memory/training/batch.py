@@ -175,6 +175,8 @@ class StudentOutput:
     """(Q,) fraction of answer tokens predicted exactly (teacher-forced)."""
     answer_exact: torch.Tensor
     """(Q,) 1.0 where every answer token is the argmax."""
+    token_hits: torch.Tensor
+    """(answer tokens of all rows, row-major) True where the argmax is the answer token."""
 
 
 def student_forward(
@@ -204,6 +206,7 @@ def student_forward(
     kl = torch.zeros((), device=device)
     if teacher is not None:
         kl = per_row_mean(top_k_kl(logits, teacher), row_index, n_rows).mean()
-    row_correct = per_row_mean((logits.argmax(-1) == labels[picked]).float(), row_index, n_rows)
+    hits = (logits.argmax(-1) == labels[picked]).detach()
+    row_correct = per_row_mean(hits.float(), row_index, n_rows)
     l1 = torch.stack([t.abs().mean() for pair in out.values() for t in pair]).mean()
-    return StudentOutput(row_loss.mean(), row_loss.detach(), kl, l1, row_correct.detach(), (row_correct.detach() == 1).float())
+    return StudentOutput(row_loss.mean(), row_loss.detach(), kl, l1, row_correct, (row_correct == 1).float(), hits)

@@ -57,6 +57,10 @@ class HeldOutRow:
     """With another document's adapter (the control)."""
     own_loss: float
     """Mean cross-entropy over its answer tokens, own adapter."""
+    own_hits: tuple[bool, ...] = ()
+    """Per answer token (the end-of-turn token last): is it the argmax, own adapter."""
+    wrong_hits: tuple[bool, ...] = ()
+    """The same with the wrong document's adapter."""
 
 
 @dataclass(frozen=True)
@@ -207,8 +211,11 @@ class Trainer:
             swapped = MicroBatch(batch.chunks, batch.doc_chunks, shifted, batch.input_ids, batch.attention_mask,
                                  batch.labels, batch.qas)
             wrong = student_forward(self.base.model, self.hypernet, self.layers_prefix, swapped, hyper_out=hyper_out)
+            lengths = (batch.labels != -100).sum(1).tolist()
+            own_hits, wrong_hits = own.token_hits.split(lengths), wrong.token_hits.split(lengths)
             rows += [
-                HeldOutRow(qa, float(own.token_correct[i]), float(wrong.token_correct[i]), float(own.row_loss[i]))
+                HeldOutRow(qa, float(own.token_correct[i]), float(wrong.token_correct[i]), float(own.row_loss[i]),
+                           tuple(own_hits[i].tolist()), tuple(wrong_hits[i].tolist()))
                 for i, qa in enumerate(batch.qas)
             ]
         self.hypernet.train()

@@ -30,6 +30,7 @@ import torch
 
 from d2l_memory.base_model import LoadedBaseModel
 from d2l_memory.training.config import TrainConfig
+from d2l_memory.training.state import TRAINER_FILE
 from d2l_memory.training.trainer import HeldOutRow, HeldOutScore, Trainer
 from d2l_memory.training.synth import make_sample
 
@@ -111,7 +112,11 @@ def score_saved_run(spec: dict[str, Any], run_dir: Path, name: str, encoder_auto
                     root: Path = ROOT, base: LoadedBaseModel | None = None) -> dict[str, Any]:
     """Score an existing run's latest state (e.g. the shipped one) on the same set, as a reference row."""
     saved = TrainConfig.from_file(run_dir / "train_config.json")
-    cfg = dataclasses.replace(saved, out_dir=str(run_dir), threads=spec["base"].get("threads"))
+    # Scoring takes no step, so the schedule is irrelevant; pinning it at the state's step lets a
+    # weights-only state load (the trainer accepts one only as a warm restart at its step).
+    step = json.loads((run_dir / "state" / TRAINER_FILE).read_text())["step"]
+    cfg = dataclasses.replace(saved, out_dir=str(run_dir), threads=spec["base"].get("threads"),
+                              schedule_start=step, steps=max(saved.steps, step + 1))
     trainer = Trainer(cfg, base=base)
     dtype = dataclasses.replace(saved, encoder_autocast=encoder_autocast).encoder_dtype()
     note = f"saved run {run_dir}, encoder {encoder_autocast or 'float32'}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,12 @@ def test_variants_are_scored_on_the_same_questions_and_tabulated(tmp_path: Path)
     # A saved run scored on the same set becomes a reference row, fp32 and bf16 encoder alike.
     ref = ablate.score_saved_run(spec, tmp_path / "plain", "ref-bf16", "bfloat16", root=tmp_path, base=tiny_base())
     assert ref["steps"] == 3 and ref["scores"]["facts"]["n"] == results[0]["scores"]["facts"]["n"]
+    # A weights-only state (no optimizer moments, as committed) scores the same.
+    slim = tmp_path / "slim"
+    shutil.copytree(tmp_path / "plain", slim)
+    (slim / "state" / "optimizer.safetensors").unlink()
+    slim_ref = ablate.score_saved_run(spec, slim, "ref-slim", "bfloat16", root=tmp_path, base=tiny_base())
+    assert slim_ref["scores"] == ref["scores"]
     table = ablate.report(spec, root=tmp_path)
     assert "| plain | (base) | 3 |" in table
     assert '| mixed | domain_weights={"facts": 0.5, "tool": 0.5}, multi_chunk_prob=1.0 | 3 |' in table

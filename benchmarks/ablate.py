@@ -57,7 +57,7 @@ def summarise(rows: Sequence[HeldOutRow]) -> dict[str, Any]:
     return {"n": len(rows), **HeldOutScore.of(rows).__dict__} if rows else {"n": 0}
 
 
-POSITIONS = ("first", "later", "end")
+POSITIONS = {"first": "first token", "later": "later tokens", "end": "end of answer"}
 """Answer-token positions: the value's first token, its other tokens, the end-of-turn token."""
 
 
@@ -158,9 +158,9 @@ def report(spec: dict[str, Any], root: Path = ROOT, committed: Sequence[dict[str
                      + " | ".join(cells) + " |")
     with_positions = [r for r in results if "positions" in r["scores"]]
     if with_positions:
-        lines += ["", "Unseen fact values, token accuracy by position in the answer, own / wrong adapter, % "
-                  "(rows scored since 2026-12-03 only):", "",
-                  "| variant | " + " | ".join(f"{p} token" if p != "end" else "end of answer" for p in POSITIONS) + " |",
+        lines += ["", "Unseen fact values, teacher-forced token accuracy by position in the answer, own / wrong "
+                  "adapter, % (only rows scored since this table was added):", "",
+                  "| variant | " + " | ".join(POSITIONS.values()) + " |",
                   "|---|" + "---|" * len(POSITIONS)]
         for r in with_positions:
             at = r["scores"]["positions"]

@@ -4,10 +4,10 @@ The scenario is built from the held-out split (values training never saw), so th
 checkpoint, not memorisation. Decoding is greedy and the weights are fixed, so results are repeatable.
 
 The shipped checkpoints so far do not meet the two quality requirements. Measured: the compacted
-40-message conversation answered 0/6 early-turn questions with the step-1550 checkpoint shipped on
-2026-12-03 (1/6 with the step-1600 one before it, 0/6 with step 600; the window alone 0/6, and the
-test asks for a gain of at least 0.25), and none of them recalled either compacted fact before a
-chunk was dropped. Those two tests are strict xfails: they
+40-message conversation answered 0/6 early-turn questions with the step-2300 checkpoint shipped in
+the second session of 2026-12-03, as with the step-1550 one before it (1/6 with the first run's step
+1600, 0/6 with its step 600; the window alone 0/6, and the test asks for a gain of at least 0.25), and
+none of them recalled either compacted fact before a chunk was dropped. Those two tests are strict xfails: they
 state the requirement, CI reports them as known failures, and they turn into errors (XPASS) as soon as
 a better checkpoint meets them, so the marker has to be removed then.
 """

@@ -209,7 +209,9 @@ def test_a_run_grows_a_per_layer_head_correction_only_at_a_warm_restart(tmp_path
                 base=base)
 
     old = Trainer(tiny_config(tmp_path / "run", steps=3), base=base)
+    rng_before = torch.get_rng_state()
     grown = Trainer(tiny_config(tmp_path / "run", steps=5, schedule_start=3, hypernet=grown_hypernet), base=base)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # seeded on a forked RNG, the caller's untouched
     assert grown.step == 3 and grown.hypernet.cfg.head_layer_rank == 4 and not grown.optimizer.state
     batch = grown.microbatch(3, 0)
     with torch.no_grad():

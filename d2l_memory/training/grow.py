@@ -33,9 +33,11 @@ def grown_hypernet(trained: HyperLoRA, config: HypernetConfig, seed: int) -> Hyp
     for name in GROWABLE_FIELDS:
         if getattr(before, name) not in (0, getattr(config, name)):
             raise ValueError(f"{name} can only grow from 0 (saved {getattr(before, name)}, configured {getattr(config, name)})")
-    torch.manual_seed(seed)  # the new down-projections are random: make them reproducible
     device = next(trained.parameters()).device
-    grown = HyperLoRA(config).to(device)
+    # The new down-projections are random: seed them, without touching the caller's RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        grown = HyperLoRA(config).to(device)
     missing, unexpected = grown.load_state_dict(trained.state_dict(), strict=False)
     foreign = [key for key in missing if key.rsplit(".", 1)[-1] not in _GROWN_PARAMETERS]
     if unexpected or foreign:

@@ -17,6 +17,7 @@ from d2l_memory.training.config import TrainConfig
 from d2l_memory.training.synth import DOMAINS, make_sample, mixed_sample
 from d2l_memory.training.batch import TeacherTopK, student_forward, teacher_top_k, top_k_kl
 from d2l_memory.internalize import run_hypernet
+from d2l_memory.training.grow import grown_hypernet
 from d2l_memory.training.trainer import Trainer, lr_factor
 from tiny import tiny_base
 
@@ -200,18 +201,20 @@ def test_a_weights_only_state_continues_only_as_a_warm_restart(tmp_path: Path) -
 def test_a_run_grows_a_per_layer_head_correction_only_at_a_warm_restart(tmp_path: Path) -> None:
     base = tiny_base()
     Trainer(tiny_config(tmp_path / "run", steps=3), base=base).run(progress=False)
-    grown_hypernet = {"width": 32, "n_heads": 2, "n_blocks": 1, "proj_hidden": 64, "head_layer_rank": 4}
+    grown_settings = {"width": 32, "n_heads": 2, "n_blocks": 1, "proj_hidden": 64, "head_layer_rank": 4}
 
     with pytest.raises(ValueError, match='grows the hypernetwork.*"schedule_start": 3'):
-        Trainer(tiny_config(tmp_path / "run", steps=5, hypernet=grown_hypernet), base=base)
+        Trainer(tiny_config(tmp_path / "run", steps=5, hypernet=grown_settings), base=base)
     with pytest.raises(ValueError, match=r"differs from the configured one in \['width'"):
-        Trainer(tiny_config(tmp_path / "run", steps=5, schedule_start=3, hypernet={**grown_hypernet, "width": 64}),
+        Trainer(tiny_config(tmp_path / "run", steps=5, schedule_start=3, hypernet={**grown_settings, "width": 64}),
                 base=base)
 
     old = Trainer(tiny_config(tmp_path / "run", steps=3), base=base)
+    grown = Trainer(tiny_config(tmp_path / "run", steps=5, schedule_start=3, hypernet=grown_settings), base=base)
     rng_before = torch.get_rng_state()
-    grown = Trainer(tiny_config(tmp_path / "run", steps=5, schedule_start=3, hypernet=grown_hypernet), base=base)
+    again = grown_hypernet(old.hypernet, grown.hypernet_cfg, seed=3)
     assert torch.equal(torch.get_rng_state(), rng_before)  # seeded on a forked RNG, the caller's untouched
+    assert all(torch.equal(v, grown.hypernet.state_dict()[k]) for k, v in again.state_dict().items())  # reproducible
     assert grown.step == 3 and grown.hypernet.cfg.head_layer_rank == 4 and not grown.optimizer.state
     batch = grown.microbatch(3, 0)
     with torch.no_grad():
@@ -222,7 +225,7 @@ def test_a_run_grows_a_per_layer_head_correction_only_at_a_warm_restart(tmp_path
     grown.run(progress=False)
     saved = _weights(tmp_path / "run")
     assert any(k.endswith("layer_up_a") and v.abs().sum() > 0 for k, v in saved.items())  # it trained
-    assert Trainer(tiny_config(tmp_path / "run", steps=6, hypernet=grown_hypernet), base=base).step == 5  # plain resume
+    assert Trainer(tiny_config(tmp_path / "run", steps=6, hypernet=grown_settings), base=base).step == 5  # plain resume
 
 
 def test_export_writes_a_cast_checkpoint_the_engine_loads(tmp_path: Path) -> None:

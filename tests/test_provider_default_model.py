@@ -88,7 +88,7 @@ def compaction_scores(engine: MemoryEngine, provider: MemoryProvider) -> tuple[f
 
 
 KNOWN_WEAK_CHECKPOINT = pytest.mark.xfail(
-    strict=True, reason="shipped checkpoint (1550 CPU steps) does not yet recall compacted facts; see module doc")
+    strict=True, reason="shipped checkpoint (2300 CPU steps) does not yet recall compacted facts; see module doc")
 
 
 @KNOWN_WEAK_CHECKPOINT

@@ -30,7 +30,7 @@ import torch
 
 from d2l_memory.base_model import LoadedBaseModel
 from d2l_memory.training.config import TrainConfig
-from d2l_memory.training.state import TRAINER_FILE
+from d2l_memory.training.state import TRAINER_FILE, latest_state_dir
 from d2l_memory.training.trainer import HeldOutRow, HeldOutScore, Trainer
 from d2l_memory.training.synth import make_sample
 
@@ -114,7 +114,10 @@ def score_saved_run(spec: dict[str, Any], run_dir: Path, name: str, encoder_auto
     saved = TrainConfig.from_file(run_dir / "train_config.json")
     # Scoring takes no step, so the schedule is irrelevant; pinning it at the state's step lets a
     # weights-only state load (the trainer accepts one only as a warm restart at its step).
-    step = json.loads((run_dir / "state" / TRAINER_FILE).read_text())["step"]
+    state_dir = latest_state_dir(run_dir)
+    if state_dir is None:
+        raise SystemExit(f"{run_dir} holds no training state to score")
+    step = json.loads((state_dir / TRAINER_FILE).read_text())["step"]
     cfg = dataclasses.replace(saved, out_dir=str(run_dir), threads=spec["base"].get("threads"),
                               schedule_start=step, steps=max(saved.steps, step + 1))
     trainer = Trainer(cfg, base=base)

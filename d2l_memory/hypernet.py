@@ -134,9 +134,9 @@ class LoraHead(nn.Module):
         z = self.norm(torch.cat([flat, pointer @ ctx], -1)).view(n, n_layers, r, 2 * w)
         a_raw, b_raw = self.to_a(z), self.to_b(z)
         if self.layer_rank:
-            h = torch.einsum("nlrw,lwk->nlrk", z, self.layer_down)
-            a_raw = a_raw + torch.einsum("nlrk,lkd->nlrd", h, self.layer_up_a)
-            b_raw = b_raw + torch.einsum("nlrk,lkd->nlrd", h, self.layer_up_b)
+            per_layer = torch.einsum("nlrw,lwk->nlrk", z, self.layer_down)
+            a_raw = a_raw + torch.einsum("nlrk,lkd->nlrd", per_layer, self.layer_up_a)
+            b_raw = b_raw + torch.einsum("nlrk,lkd->nlrd", per_layer, self.layer_up_b)
         a = F.normalize(a_raw, dim=-1)
         if keys is not None:
             # The pointed key, centred over the chunk. The pointer sums to 1 over real tokens, so

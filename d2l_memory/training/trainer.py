@@ -108,14 +108,8 @@ class Trainer:
             )
             self.step = int(info["step"])
             if is_weights_only(state_dir):
-                # Fresh AdamW moments would take full-size steps at whatever lr the old cycle had
-                # reached; only a new warm-up starting here makes that safe.
-                if cfg.schedule_start != self.step:
-                    raise ValueError(
-                        f"{state_dir} is weights-only (no {OPTIMIZER_FILE}): the optimizer restarts from zero, "
-                        f"so continue it as a warm restart with \"schedule_start\": {self.step} (config has "
-                        f"{cfg.schedule_start})"
-                    )
+                self._require_warm_restart(f"{state_dir} is weights-only (no {OPTIMIZER_FILE}): the optimizer "
+                                           "restarts from zero")
                 logger.warning("%s is weights-only: AdamW moments restart from zero at step %d", state_dir, self.step)
             logger.info("Resumed from %s at step %d", state_dir, self.step)
             if self.hypernet.cfg != self.hypernet_cfg:
@@ -133,15 +127,19 @@ class Trainer:
             self.optimizer = self._optimizer(self.hypernet.parameters())
         logger.info("Hypernetwork: %s parameters", f"{count_parameters(self.hypernet):,}")
 
+    def _require_warm_restart(self, why: str) -> None:
+        """Fresh AdamW moments would take full-size steps at whatever lr the old cycle had reached;
+        only a new warm-up starting at the resumed step makes that safe."""
+        if self.cfg.schedule_start != self.step:
+            raise ValueError(f"{why}, so continue it as a warm restart with \"schedule_start\": {self.step} "
+                             f"(config has {self.cfg.schedule_start})")
+
     def _grow(self, state_dir: Path) -> None:
         """The config adds zero-initialised components to the saved network (or is an error)."""
-        if self.cfg.schedule_start != self.step:
-            # The new parameters have no AdamW moments; like a weights-only state, only a new warm-up is safe.
-            raise ValueError(
-                f"the config grows the hypernetwork saved in {state_dir}: do it at a warm restart, "
-                f"\"schedule_start\": {self.step} (config has {self.cfg.schedule_start})"
-            )
-        self.hypernet = grown_hypernet(self.hypernet, self.hypernet_cfg, seed=self.cfg.seed + self.step)
+        grown = grown_hypernet(self.hypernet, self.hypernet_cfg, seed=self.cfg.seed + self.step)
+        self._require_warm_restart(f"the config grows the hypernetwork saved in {state_dir}, and the new "
+                                   "parameters have no optimizer moments")
+        self.hypernet = grown
         self.optimizer = self._optimizer(self.hypernet.parameters())
         logger.warning("Grew the hypernetwork of %s at step %d; AdamW moments restart from zero", state_dir, self.step)
 

@@ -1,8 +1,10 @@
 """Which memories to apply for a query: pure selection logic, so it is easy to test and to explain.
 
 Policy (every choice carries a human-readable reason):
-1. The session's own history memories are always applied, all chunks; past the rank budget the
-   newest chunks win (recent turns matter most).
+1. The session's own history memories are always applied, all chunks while they fit the rank
+   budget. Past it, the chunks whose text best matches the query (BM25) are applied, the newest
+   first among equals: the newest turns are still verbatim in the prompt, so what the compacted
+   history must supply is an older turn the question is about.
 2. Other memories (documents, tool docs) are all applied when they fit the remaining rank budget and
    number at most ``top_k``. Otherwise they are ranked by BM25 of their source text against the
    query and taken best first; a memory too big for what is left of the budget contributes its
@@ -11,11 +13,12 @@ Policy (every choice carries a human-readable reason):
 
 from __future__ import annotations
 
+import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rank_bm25 import BM25Okapi
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -60,23 +63,51 @@ class Snippet:
     score: float
 
 
-def _bm25_scores(query: str, texts: Sequence[str]) -> list[float]:
-    corpus = [words(t) or ["\u2205"] for t in texts]
-    if not corpus:
+def bm25_scores(query: str, texts: Sequence[str], k1: float = 1.5, b: float = 0.75) -> list[float]:
+    """Okapi BM25 of each text against the query, with Lucene's always-positive idf.
+
+    The classic idf, log((N - n + 0.5) / (n + 0.5)), is zero for a word in half of the texts and
+    negative beyond: between a memory's two chunks it cannot tell which one the query is about, and
+    in the small corpora of one scope it can invert the ranking; log(1 + ...) does neither.
+    A text scores above 0 exactly when it shares a word with the query.
+    """
+    docs = [words(t) for t in texts]
+    if not docs:
         return []
-    return [float(s) for s in BM25Okapi(corpus).get_scores(words(query))]
+    n_docs = len(docs)
+    avg_len = sum(len(d) for d in docs) / n_docs or 1.0
+    df = Counter(w for d in docs for w in set(d))
+    idf = {w: math.log(1 + (n_docs - n + 0.5) / (n + 0.5)) for w, n in df.items()}
+    terms = words(query)
+    scores = []
+    for doc in docs:
+        tf = Counter(doc)
+        norm = k1 * (1 - b + b * len(doc) / avg_len)
+        scores.append(sum(idf[w] * tf[w] * (k1 + 1) / (tf[w] + norm) for w in terms if w in tf))
+    return scores
+
+
+def _best_chunks(query: str, texts: Sequence[str], n: int, *, later_wins_ties: bool) -> tuple[int, ...]:
+    """Indices of the ``n`` texts that best match the query, in their original (rank) order."""
+    scores = bm25_scores(query, texts)
+    order = sorted(range(len(texts)), key=lambda j: (-scores[j], -j if later_wins_ties else j))
+    return tuple(sorted(order[:n]))
 
 
 def select_memories(query: str, candidates: Sequence[Candidate], *, top_k: int, rank_budget: int) -> list[Selection]:
     chosen: list[Selection] = []
     budget = rank_budget
     for cand in (c for c in candidates if c.session_history):
-        fit = min(len(cand.chunk_texts), budget // cand.rank_per_chunk)
+        n = len(cand.chunk_texts)
+        fit = min(n, budget // cand.rank_per_chunk)
         if fit <= 0:
             continue
-        keep = tuple(range(len(cand.chunk_texts) - fit, len(cand.chunk_texts)))
-        why = "session history, all chunks" if fit == len(cand.chunk_texts) else f"session history, newest {fit} chunks within the rank budget"
-        chosen.append(Selection(cand.record_id, keep, 0.0, why))
+        if fit == n:
+            chosen.append(Selection(cand.record_id, tuple(range(n)), 0.0, "session history, all chunks"))
+        else:
+            keep = _best_chunks(query, cand.chunk_texts, fit, later_wins_ties=True)
+            chosen.append(Selection(cand.record_id, keep, 0.0,
+                                    f"session history, best {fit} of {n} chunks for the query within the rank budget"))
         budget -= fit * cand.rank_per_chunk
 
     others = [c for c in candidates if not c.session_history]
@@ -86,7 +117,7 @@ def select_memories(query: str, candidates: Sequence[Candidate], *, top_k: int, 
         chosen += [Selection(c.record_id, tuple(range(len(c.chunk_texts))), 0.0, "all memories in scope fit the rank budget") for c in others]
         return chosen
 
-    scores = _bm25_scores(query, [" ".join(c.chunk_texts) for c in others])
+    scores = bm25_scores(query, [" ".join(c.chunk_texts) for c in others])
     ranked = sorted(range(len(others)), key=lambda i: -scores[i])  # stable: ties keep newest-first order
     for place, i in enumerate(ranked[:top_k], start=1):
         cand = others[i]
@@ -96,10 +127,8 @@ def select_memories(query: str, candidates: Sequence[Candidate], *, top_k: int, 
             chosen.append(Selection(cand.record_id, tuple(range(len(cand.chunk_texts))), scores[i], f"BM25 rank {place} of {len(others)}"))
             budget -= cand.rank
             continue
-        chunk_scores = _bm25_scores(query, cand.chunk_texts)
         n = budget // cand.rank_per_chunk
-        best = sorted(sorted(range(len(cand.chunk_texts)), key=lambda j: -chunk_scores[j])[:n])
-        chosen.append(Selection(cand.record_id, tuple(best), scores[i],
+        chosen.append(Selection(cand.record_id, _best_chunks(query, cand.chunk_texts, n, later_wins_ties=False), scores[i],
                                 f"BM25 rank {place} of {len(others)}; best {n} of {len(cand.chunk_texts)} chunks within the rank budget"))
         budget -= n * cand.rank_per_chunk
     return chosen
@@ -112,6 +141,6 @@ def best_snippets(query: str, candidates: Sequence[Candidate], selections: Seque
     by_id = {c.record_id: c for c in candidates}
     pool = [(s.record_id, j, by_id[s.record_id].chunk_texts[j]) for s in selections for j in s.chunks]
     pool = [p for p in pool if p[2].strip()]
-    scores = _bm25_scores(query, [p[2] for p in pool])
+    scores = bm25_scores(query, [p[2] for p in pool])
     order = sorted(range(len(pool)), key=lambda i: -scores[i])[:n]
     return [Snippet(pool[i][0], pool[i][1], pool[i][2], scores[i]) for i in order]

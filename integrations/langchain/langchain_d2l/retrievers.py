@@ -7,13 +7,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from d2l_memory import MemoryProvider, Scope
-from d2l_memory.recall import words
+from d2l_memory.recall import bm25_scores
 from d2l_store import AdapterRecord
 from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field
-from rank_bm25 import BM25Okapi
 
 
 @dataclass(frozen=True)
@@ -73,13 +72,6 @@ class D2LRetriever(BaseRetriever):
         for record in self.provider.visible_memories(self.scope):
             out += [_Chunk(record, i, t) for i, t in enumerate(self.provider.chunk_texts(record)) if t.strip()]
         return out
-
-
-def bm25_scores(query: str, texts: Sequence[str]) -> list[float]:
-    if not texts:
-        return []
-    corpus = [words(t) or ["\u2205"] for t in texts]
-    return [float(s) for s in BM25Okapi(corpus).get_scores(words(query))]
 
 
 def _document(chunk: _Chunk, score: float) -> Document:

@@ -31,7 +31,8 @@ from llama_index.core.prompts.mixin import PromptDictType, PromptMixinType
 from llama_index.core.schema import BaseNode, NodeWithScore, QueryBundle
 
 from llama_index.memory.d2l._shared import ProviderRef, as_scope, iterate_in_thread
-from llama_index.memory.d2l.retriever import bm25_scores, chunk_node
+from d2l_memory.recall import bm25_scores
+from llama_index.memory.d2l.retriever import chunk_node
 
 logger = logging.getLogger(__name__)
 

@@ -9,14 +9,12 @@ memory id.
 from __future__ import annotations
 
 import asyncio
-import math
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from d2l_memory import MemoryEngine, MemoryProvider, Scope
 from d2l_memory.base_model import DEFAULT_BASE_MODEL
-from d2l_memory.recall import words
+from d2l_memory.recall import bm25_scores
 from d2l_store import AdapterRecord
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.callbacks import CallbackManager
@@ -56,29 +54,6 @@ def chunk_node(record: AdapterRecord, chunk: int, text: str, score: float | None
         relationships={NodeRelationship.SOURCE: RelatedNodeInfo(node_id=record.id)},
     )
     return NodeWithScore(node=node, score=score)
-
-
-def bm25_scores(query: str, texts: Sequence[str], k1: float = 1.5, b: float = 0.75) -> list[float]:
-    """Okapi BM25 of each text against the query, with Lucene's always-positive idf.
-
-    The classic idf, log((N - n + 0.5) / (n + 0.5)), turns negative for a word in more than half of
-    the texts, which in the small corpora of one scope inverts the ranking; log(1 + ...) does not.
-    A text scores above 0 exactly when it shares a word with the query.
-    """
-    docs = [words(t) for t in texts]
-    if not docs:
-        return []
-    n_docs = len(docs)
-    avg_len = sum(len(d) for d in docs) / n_docs or 1.0
-    df = Counter(w for d in docs for w in set(d))
-    idf = {w: math.log(1 + (n_docs - n + 0.5) / (n + 0.5)) for w, n in df.items()}
-    terms = words(query)
-    scores = []
-    for doc in docs:
-        tf = Counter(doc)
-        norm = k1 * (1 - b + b * len(doc) / avg_len)
-        scores.append(sum(idf[w] * tf[w] * (k1 + 1) / (tf[w] + norm) for w in terms if w in tf))
-    return scores
 
 
 class D2LRetriever(BaseRetriever):

@@ -123,3 +123,9 @@ def chunk_text(
         Chunk(input_ids=affixes.prefix + tuple(ids[s : s + step]) + affixes.suffix, span=(s, min(s + step, len(ids))))
         for s in range(0, len(ids), step)
     ]
+
+
+def span_texts(text: str, tokenizer: PreTrainedTokenizerBase, spans: Sequence[tuple[int, int]]) -> list[str]:
+    """The source text of each chunk, from its token span (as ``chunk_text`` cut it)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return [tokenizer.decode(ids[s:e]) for s, e in spans]

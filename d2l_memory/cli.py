@@ -94,6 +94,24 @@ def _domain_counts(text: str) -> dict[str, int]:
     return counts
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _eval_mode(text: str) -> str:
+    from d2l_memory.evaluation.harness import MODES
+
+    if text not in MODES:
+        raise argparse.ArgumentTypeError(f"unknown mode {text!r}; choose from {', '.join(MODES)}")
+    return text
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a hypernetwork on held-out documents (all modes, with controls)")
     p.add_argument("--base-model", default=None, help="base model (default: the built-in one)")
@@ -105,6 +123,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--docs", type=_domain_counts, default=None,
                    help="documents per domain, e.g. facts=24,conversation=8,tool=8")
     p.add_argument("--needle-tokens", type=int, nargs="+", default=None, help="needle document lengths in tokens")
+    p.add_argument("--recall-chunks", type=_positive_int, default=None,
+                   help="chunk adapters the adapter_recall mode applies per question (default 2)")
+    p.add_argument("--modes", type=_eval_mode, nargs="+", default=None, metavar="MODE",
+                   help="only these modes (default: all; none, in_context, rag, adapter, adapter_recall, hybrid, "
+                        "wrong_adapter, distill)")
     p.add_argument("--reuse-baselines", metavar="EVAL_JSON",
                    help="copy the none / in_context / rag / distill rows from an earlier eval.json of the same settings "
                         "and base model instead of recomputing them (they do not depend on the hypernetwork)")
@@ -133,8 +156,12 @@ def _run_eval(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, needle_tokens=tuple(args.needle_tokens))
     if args.distill_docs is not None:
         cfg = dataclasses.replace(cfg, distill_docs=args.distill_docs)
+    if args.recall_chunks is not None:
+        cfg = dataclasses.replace(cfg, recall_chunks=args.recall_chunks)
+    if args.modes:
+        cfg = dataclasses.replace(cfg, modes=tuple(m for m in MODES if m in args.modes))
     if args.no_distill:
-        cfg = dataclasses.replace(cfg, modes=tuple(m for m in MODES if m != "distill"))
+        cfg = dataclasses.replace(cfg, modes=tuple(m for m in cfg.modes if m != "distill"))
     engine = MemoryEngine.from_pretrained(**({"base_model": args.base_model} if args.base_model else {}), hypernet=args.hypernet)
     reuse = json.loads(Path(args.reuse_baselines).read_text()) if args.reuse_baselines else None
     result = run_eval(engine, cfg, reuse=reuse)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from d2l_store import AdapterRecord, AdapterStore, ConflictError, GcReport, MemoryKind, RecordNotFound, Scope
 
 from d2l_memory.adapter import MemoryAdapter
-from d2l_memory.chunking import Message, as_text, render_messages
+from d2l_memory.chunking import Message, as_text, render_messages, span_texts
 from d2l_memory.config import GenerationConfig
 from d2l_memory.dtypes import float_dtype
 from d2l_memory.engine import MemoryEngine
@@ -429,8 +429,7 @@ class MemoryProvider:
     # ---- writing stored memories ---------------------------------------------------------------
 
     def _chunk_texts(self, text: str, spans: Sequence[tuple[int, int]]) -> list[str]:
-        ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
-        return [self.engine.tokenizer.decode(ids[s:e]) for s, e in spans]
+        return span_texts(text, self.engine.tokenizer, spans)
 
     def _put(
         self,

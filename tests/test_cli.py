@@ -72,6 +72,11 @@ def test_bad_input_gives_nonzero_exit_codes(tmp_path: Path, capsys: pytest.Captu
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         main(["list", "--scope", "bad tenant!"])
+    for bad in (["--modes", "adapter", "telepathy"], ["--recall-chunks", "0"], ["--recall-chunks", "two"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["eval", *bad])
+        assert exc.value.code == 2, bad
+    assert "telepathy" in capsys.readouterr().err
 
 
 def test_chat_compacts_old_turns(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,7 @@ from d2l_memory import MemoryEngine
 from d2l_memory.evaluation.distill import DistillConfig, context_distill, document_probes
 from d2l_memory.evaluation.harness import MODES, EvalConfig, run_eval
 from d2l_memory.evaluation.metrics import contains_match, exact_match, normalise, token_f1
-from d2l_memory.evaluation.report import markdown, plot
+from d2l_memory.evaluation.report import markdown, plot, verdict
 from d2l_memory.lora import lora_scope
 from d2l_memory.reporting import replace_section
 
@@ -55,8 +55,17 @@ def test_harness_runs_every_mode_and_reports(engine: MemoryEngine, tmp_path: Pat
     assert set(summary["in_context"]["needle_by_length"]) == {"64"}
     assert set(summary["adapter"]["needle_by_length"]) == {"64", "900"}
     assert summary["distill"]["short_docs"]["all"]["n"] == 2
+    # 16-token chunks: every needle has more than recall_chunks chunks, so recall picks among them.
+    assert set(summary["adapter_recall"]["needle_by_length"]) == {"64", "900"}
     text = markdown(result, "d2l-memory eval --quick")
-    assert "| adapter |" in text and ("MISSED" in text or "met" in text)
+    assert "| adapter |" in text and "| adapter_recall |" in text and ("MISSED" in text or "met" in text)
+    # The needle verdicts need lengths beyond the 8K window: one line per adapter mode that ran there.
+    cell = lambda v: {"n": 3, "contains": v, "exact": v, "f1": v}  # noqa: E731
+    beyond = {"none": {"needle_by_length": {"12288": cell(0.0)}}, "adapter": {"needle_by_length": {"12288": cell(0.0)}},
+              "adapter_recall": {"needle_by_length": {"12288": cell(2 / 3)}}}
+    lines = verdict(beyond)
+    assert any("all chunk adapters" in line and "MISSED" in line for line in lines)
+    assert any("recall-picked chunk adapters" in line and "adapter_recall 67%" in line and "| met |" in line for line in lines)
     assert plot(result, tmp_path / "eval.png").stat().st_size > 1000
     bench = tmp_path / "BENCHMARKS.md"
     replace_section(bench, "eval", "first")
@@ -82,9 +91,14 @@ def test_a_second_checkpoint_can_reuse_the_hypernet_free_rows(engine: MemoryEngi
     monkeypatch.setattr(harness, "context_distill", no_distillation)
     second = run_eval(engine, cfg, progress=False, reuse=first)
     assert second["reused"]["modes"] == ["none", "in_context", "rag", "distill"]
-    assert set(second["mode_seconds"]) == {"adapter", "hybrid", "wrong_adapter"}
+    assert set(second["mode_seconds"]) == {"adapter", "adapter_recall", "hybrid", "wrong_adapter"}
+    assert set(first["summary"]) == set(MODES)
     for mode in MODES:  # same engine, greedy decoding: the recomputed modes agree too
         assert second["summary"][mode] == first["summary"][mode], mode
+    # recall_chunks only changes hypernetwork rows: an evaluation with another budget still reuses.
+    third = run_eval(engine, dataclasses.replace(cfg, recall_chunks=3, modes=("none", "adapter_recall")),
+                     progress=False, reuse=first)
+    assert third["reused"]["modes"] == ["none"] and set(third["mode_seconds"]) == {"adapter_recall"}
     assert "reused from an earlier run" in markdown(second, "d2l-memory eval --reuse-baselines eval.json")
 
     with pytest.raises(IncomparableEvaluationError, match="max_new_tokens"):
@@ -94,3 +108,19 @@ def test_a_second_checkpoint_can_reuse_the_hypernet_free_rows(engine: MemoryEngi
     tampered = {**first, "rows": [{**r, "question": r["question"] + "?"} if r["mode"] == "none" else r for r in first["rows"]]}
     with pytest.raises(IncomparableEvaluationError, match="questions differ"):
         run_eval(engine, cfg, progress=False, reuse=tampered)
+
+
+def test_recall_mode_applies_the_chunks_whose_text_matches_the_question(engine: MemoryEngine) -> None:
+    from d2l_memory.chunking import span_texts
+    from d2l_memory.evaluation.harness import recalled_chunks
+
+    text = ("Bees make honey in the summer meadow. " * 3 + "The special magic number for Orvel is 4417. "
+            + "Rivers carry silt to the quiet sea. " * 3)
+    memory = engine.internalize(text, progress=False)
+    texts = span_texts(text, engine.tokenizer, memory.chunk_spans)
+    assert memory.n_chunks > 3 and "".join(texts) == text
+    picked = recalled_chunks(memory, texts, "What is the special magic number for Orvel?", n_chunks=2)
+    assert picked.n_chunks == 2 and picked.rank == 2 * memory.rank_per_chunk
+    assert any("Orvel" in texts[memory.chunk_spans.index(span)] for span in picked.chunk_spans)
+    everything = recalled_chunks(memory, texts, "anything", n_chunks=memory.n_chunks)
+    assert everything.chunk_spans == memory.chunk_spans

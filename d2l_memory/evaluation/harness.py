@@ -5,6 +5,10 @@ Modes (each a way of giving the model the document):
     in_context     the whole document in the prompt (only where it fits the window);
     rag            the BM25 top chunks of the document in the prompt;
     adapter        the document's D2L adapter, question alone in the prompt;
+    adapter_recall the adapters of the document's chunks that the memory provider's recall picks for
+                   the question (BM25 against each chunk's text, best ``recall_chunks`` kept), question
+                   alone in the prompt; only documents cut into more chunks than that (on the others
+                   it is the adapter mode);
     hybrid         adapter + the BM25 top chunks;
     wrong_adapter  another document's adapter (control: must stay near ``none``);
     distill        a context-distilled LoRA (gradient-trained per document; small subset only).
@@ -30,19 +34,22 @@ from d2l_memory.adapter import MemoryAdapter
 from d2l_memory.engine import MemoryEngine
 from d2l_memory.evaluation.distill import DistillConfig, context_distill
 from d2l_memory.evaluation.metrics import contains_match, exact_match, token_f1
+from d2l_memory.chunking import span_texts
 from d2l_memory.config import GenerationConfig
 from d2l_memory.errors import IncomparableEvaluationError
 from d2l_memory.generation import context_window, generate_batch, prompt_ids
-from d2l_memory.recall import words
+from d2l_memory.recall import Candidate, select_memories, words
 from d2l_memory.training.synth import QA, Sample, make_sample, needle_document
 
 logger = logging.getLogger(__name__)
 
-MODES = ("none", "in_context", "rag", "adapter", "hybrid", "wrong_adapter", "distill")
+MODES = ("none", "in_context", "rag", "adapter", "adapter_recall", "hybrid", "wrong_adapter", "distill")
 HYPERNET_FREE_MODES = ("none", "in_context", "rag", "distill")
 """Modes whose answers do not depend on the hypernetwork (greedy decoding of the base model, or a
 LoRA trained by gradient descent): an evaluation of another checkpoint on the same documents may
 reuse them instead of spending most of its time recomputing them."""
+HYPERNET_ONLY_SETTINGS = ("modes", "recall_chunks")
+"""Settings that change only hypernetwork-dependent rows, so reused rows need not agree on them."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,8 @@ class EvalConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     rag_chunk_tokens: int = 128
     rag_top_k: int = 2
+    recall_chunks: int = 2
+    """Chunk adapters the adapter_recall mode applies (rank budget = this × rank per chunk)."""
     max_new_tokens: int = 24
     batch_size: int = 8
     modes: tuple[str, ...] = MODES
@@ -68,6 +77,8 @@ class Doc:
     sample: Sample
     qas: list[QA]
     memory: MemoryAdapter | None = None
+    chunk_texts: tuple[str, ...] = ()
+    """Source text of each chunk of ``memory`` (what recall ranks)."""
     tokens: int = 0
     needle_depth: float | None = None
     needle_target_tokens: int | None = None
@@ -115,7 +126,8 @@ def reusable_rows(
     """The hypernetwork-free rows of an earlier result, after checking it answered the same questions
     about the same documents with the same base model and settings; the error says what differs."""
     ours, theirs = _json_form(asdict(cfg)), dict(previous.get("config", {}))
-    ours.pop("modes"), theirs.pop("modes", None)
+    for key in HYPERNET_ONLY_SETTINGS:
+        ours.pop(key, None), theirs.pop(key, None)
     if ours != theirs:
         differing = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
         raise IncomparableEvaluationError(
@@ -143,6 +155,13 @@ def rag_context(engine: MemoryEngine, text: str, question: str, cfg: EvalConfig)
     return "\n...\n".join(chunks[i].strip() for i in best)
 
 
+def recalled_chunks(memory: MemoryAdapter, chunk_texts: Sequence[str], question: str, n_chunks: int) -> MemoryAdapter:
+    """The chunks of one memory that the provider's recall applies within a budget of ``n_chunks`` chunks."""
+    candidate = Candidate("doc", "document", None, tuple(chunk_texts), memory.rank_per_chunk, session_history=False)
+    (selection,) = select_memories(question, [candidate], top_k=1, rank_budget=n_chunks * memory.rank_per_chunk)
+    return memory.select_chunks(selection.chunks)
+
+
 def _wrong_partner(docs: Sequence[Doc], index: int) -> int:
     """The next document of the same domain (a different document, same kind of content)."""
     same = [i for i, d in enumerate(docs) if d.sample.domain == docs[index].sample.domain]
@@ -163,6 +182,10 @@ def _inputs(engine: MemoryEngine, docs: list[Doc], row: Row, mode: str, cfg: Eva
         return None, rag_context(engine, doc.sample.text, row.qa.question, cfg)
     if mode == "adapter":
         return doc.memory, None
+    if mode == "adapter_recall":
+        if doc.memory is None or doc.memory.n_chunks <= cfg.recall_chunks:
+            return None  # every chunk fits the budget: the same answer as the adapter mode
+        return recalled_chunks(doc.memory, doc.chunk_texts, row.qa.question, cfg.recall_chunks), None
     if mode == "hybrid":
         return doc.memory, rag_context(engine, doc.sample.text, row.qa.question, cfg)
     if mode == "wrong_adapter":
@@ -184,6 +207,7 @@ def run_eval(engine: MemoryEngine, cfg: EvalConfig = EvalConfig(), progress: boo
     for doc in tqdm(docs, desc="internalizing", disable=not progress):
         t0 = time.perf_counter()
         doc.memory = engine.internalize(doc.sample.text, progress=False)
+        doc.chunk_texts = tuple(span_texts(doc.sample.text, engine.tokenizer, doc.memory.chunk_spans))
         write_seconds.append(time.perf_counter() - t0)
     if "distill" in cfg.modes and "distill" not in reused_modes:
         subset = [d for d in docs if d.in_distill_subset]

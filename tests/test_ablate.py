@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from d2l_memory.training.synth import QA
 from d2l_memory.training.trainer import HeldOutRow, HeldOutScore
@@ -91,5 +92,34 @@ def test_held_out_score_of_rows_matches_the_run_check(tmp_path: Path) -> None:
         assert sum(row.wrong_hits) / len(row.wrong_hits) == pytest.approx(row.wrong_token_acc)
     with pytest.raises(ValueError, match="no held-out questions"):
         HeldOutScore.of([])
-    with pytest.raises(ValueError, match="at least two documents"):
+    with pytest.raises(ValueError, match="at least 2 documents"):
         trainer.held_out_rows(trainer.samples("test", 0, 1))
+
+
+def test_combined_memories_hold_the_own_document_or_none_of_it() -> None:
+    from d2l_memory.training.batch import MicroBatch
+    from d2l_memory.training.trainer import held_out_pair
+
+    qa = QA("q?", "a", "single", "city", True)
+    docs = 4
+    batch = MicroBatch([(i,) for i in range(docs)], [[i] for i in range(docs)], [0, 1, 2, 3, 3],
+                       torch.zeros(5, 2, dtype=torch.long), torch.ones(5, 2, dtype=torch.long),
+                       torch.zeros(5, 2, dtype=torch.long), [qa] * 5)
+    own, wrong = held_out_pair(batch, 1)
+    assert own is batch and wrong.row_doc == [1, 2, 3, 0, 0]
+    own, wrong = held_out_pair(batch, 2)
+    assert own.doc_chunks == wrong.doc_chunks == [[0, 1], [2, 3]]
+    for row, doc in enumerate(batch.row_doc):
+        assert batch.doc_chunks[doc][0] in own.doc_chunks[own.row_doc[row]]
+        assert batch.doc_chunks[doc][0] not in wrong.doc_chunks[wrong.row_doc[row]]
+
+
+def test_combined_scores_appear_as_their_own_group(tmp_path: Path) -> None:
+    ablate = load_benchmark("ablate")
+    spec = {**tiny_spec(), "combined": 2}
+    from d2l_memory.training.trainer import Trainer
+
+    trainer = Trainer(ablate.variant_config(spec, "plain", tmp_path), base=tiny_base())
+    scores = ablate.score(trainer, spec)
+    # 4 fact documents make one group of 2 + 2: every question is scored once more, combined.
+    assert scores["facts, 1 of 2 memories"]["n"] == scores["facts"]["n"] > 0

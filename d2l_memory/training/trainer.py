@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import dataclasses
 import random
 import time
 from collections.abc import Sequence
@@ -187,28 +188,36 @@ class Trainer:
         return {**totals, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]}
 
     @torch.no_grad()
-    def held_out_rows(self, samples: Sequence[Sample], encoder_autocast: torch.dtype | None = None) -> list[HeldOutRow]:
-        """Teacher-forced scores of every question of ``samples`` (one chunk each), own adapter vs the next
-        document's adapter. Documents go in near-equal groups of at most 8, each the other's control.
+    def held_out_rows(self, samples: Sequence[Sample], encoder_autocast: torch.dtype | None = None,
+                      combined: int = 1) -> list[HeldOutRow]:
+        """Teacher-forced scores of every question of ``samples`` (one chunk each), own memory vs a wrong one.
+
+        ``combined`` 1: a document's own adapter vs the next document's; documents go in near-equal groups
+        of at most 8. ``combined`` k > 1: the adapters of k documents concatenated along rank, as a long
+        document's chunks are; a question's own memory holds its document among k - 1 others, the wrong
+        one k other documents. Documents go in groups of 2k (a remainder is not scored).
         The encoder pass runs in full precision unless ``encoder_autocast`` says otherwise."""
-        if len(samples) < 2:
-            raise ValueError("held-out scoring needs at least two documents (one is the other's control)")
+        if len(samples) < 2 * combined:
+            raise ValueError(f"held-out scoring of {combined} combined memories needs at least {2 * combined} "
+                             f"documents (own and wrong memories hold different ones), got {len(samples)}")
         self.hypernet.eval()
         rows: list[HeldOutRow] = []
-        n_groups = -(-len(samples) // 8)
-        bounds = [round(i * len(samples) / n_groups) for i in range(n_groups + 1)]
+        if combined == 1:
+            n_groups = -(-len(samples) // 8)
+            bounds = [round(i * len(samples) / n_groups) for i in range(n_groups + 1)]
+        else:
+            size = 2 * combined
+            bounds = list(range(0, len(samples) // size * size + 1, size))
         for start, end in zip(bounds, bounds[1:]):
             group = samples[start:end]
             rng = random.Random(f"{self.cfg.seed}/eval/{start}")
             batch = build_microbatch(group, self.base.tokenizer, self.affixes, rng, questions_per_doc=4,
                                      multi_chunk_prob=0.0, max_chunks=1)
-            # One encoder + hypernetwork pass; own and swapped rows read the same adapters.
+            # One encoder + hypernetwork pass; own and wrong rows read the same adapters.
             hyper_out = run_hypernet(self.base.model, self.hypernet, batch.chunks, encoder_autocast)
-            own = student_forward(self.base.model, self.hypernet, self.layers_prefix, batch, hyper_out=hyper_out)
-            shifted = [(d + 1) % len(group) for d in batch.row_doc]
-            swapped = MicroBatch(batch.chunks, batch.doc_chunks, shifted, batch.input_ids, batch.attention_mask,
-                                 batch.labels, batch.qas)
-            wrong = student_forward(self.base.model, self.hypernet, self.layers_prefix, swapped, hyper_out=hyper_out)
+            own_batch, wrong_batch = held_out_pair(batch, combined)
+            own = student_forward(self.base.model, self.hypernet, self.layers_prefix, own_batch, hyper_out=hyper_out)
+            wrong = student_forward(self.base.model, self.hypernet, self.layers_prefix, wrong_batch, hyper_out=hyper_out)
             lengths = (batch.labels != -100).sum(1).tolist()
             own_hits, wrong_hits = own.token_hits.split(lengths), wrong.token_hits.split(lengths)
             rows += [
@@ -252,3 +261,14 @@ class Trainer:
             self.run_dir, self.hypernet, self.optimizer, step=self.step, base_model_name=self.cfg.base_model,
             base_model_fingerprint=self.base.fingerprint, extra={"train_config": json.loads(self.cfg.to_json())},
         )
+
+
+def held_out_pair(batch: MicroBatch, combined: int) -> tuple[MicroBatch, MicroBatch]:
+    """The same questions with their own memory and with a wrong one (see ``Trainer.held_out_rows``)."""
+    if combined == 1:
+        wrong_doc = [(d + 1) % len(batch.doc_chunks) for d in batch.row_doc]
+        return batch, dataclasses.replace(batch, row_doc=wrong_doc)
+    halves = [[c for d in range(h * combined, (h + 1) * combined) for c in batch.doc_chunks[d]] for h in (0, 1)]
+    half = [d // combined for d in batch.row_doc]
+    return (dataclasses.replace(batch, doc_chunks=halves, row_doc=half),
+            dataclasses.replace(batch, doc_chunks=halves, row_doc=[1 - h for h in half]))

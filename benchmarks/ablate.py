@@ -10,10 +10,11 @@ held-out ``score`` set, and ``variants``: name → overrides of the base config.
 scored variant. The score set is fixed across variants (it does not follow a variant's domain mix), so
 rows compare: teacher-forced answer-token accuracy and exact answers on held-out fact documents, split
 into values drawn from closed sets seen in training and values never seen in training, with another
-document's adapter as the control, and on held-out conversations. With ``"combined": k`` in the spec,
-the fact documents are scored again with k documents' adapters concatenated (own memory: the question's
-document among k - 1 others; wrong: k other documents), the way a long document's chunks are combined. ``--score-run`` adds a saved run
-(e.g. the shipped one) as a reference row, with its encoder pass in fp32 or bf16.
+document's adapter as the control, and on held-out conversations. With ``"combined": [k, ...]`` in the
+spec, the fact documents are scored again with k documents' adapters concatenated (own memory: the
+question's document among k - 1 others; wrong: k other documents), the way a long document's chunks
+are combined. ``--score-run`` adds a saved run (e.g. the shipped one) as a reference row, with its
+encoder pass in fp32 or bf16.
 """
 
 from __future__ import annotations
@@ -87,8 +88,7 @@ def score(trainer: Trainer, spec: dict[str, Any], encoder_autocast: torch.dtype 
         if domain == "facts":
             groups["facts, closed-set values"] = [r for r in rows if not r.qa.open_value]
             groups["facts, unseen values"] = [r for r in rows if r.qa.open_value]
-    k = spec.get("combined", 1)
-    if k > 1 and "facts" in groups:
+    for k in spec.get("combined", []) if "facts" in groups else []:
         # Memories of k documents concatenated, as a long document's chunk adapters are at inference.
         groups[f"facts, 1 of {k} memories"] = trainer.held_out_rows(score_set(spec, trainer.cfg.seed)["facts"],
                                                                     encoder_autocast, combined=k)

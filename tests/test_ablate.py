@@ -116,7 +116,7 @@ def test_combined_memories_hold_the_own_document_or_none_of_it() -> None:
 
 def test_combined_scores_appear_as_their_own_group(tmp_path: Path) -> None:
     ablate = load_benchmark("ablate")
-    spec = {**tiny_spec(), "combined": 2}
+    spec = {**tiny_spec(), "combined": [2]}
     from d2l_memory.training.trainer import Trainer
 
     trainer = Trainer(ablate.variant_config(spec, "plain", tmp_path), base=tiny_base())

@@ -33,7 +33,11 @@ def _run_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"steps": args.steps, "out_dir": args.out_dir}.items() if v is not None}
     if overrides:
         cfg = TrainConfig.from_dict({**cfg.__dict__, **overrides})
-    Trainer(cfg).run(progress=not args.no_progress)
+    trainer = Trainer(cfg)
+    try:
+        trainer.run(progress=not args.no_progress)
+    finally:
+        trainer.workers.close()
     return 0
 
 

@@ -64,7 +64,11 @@ class TrainConfig:
     """See EncoderConfig.target_keys."""
     encoder_autocast: str | None = None
     """Run the frozen encoder pass under autocast to this dtype ("bfloat16"), ``None`` for full
-    precision. Only the encoder (no gradients) is affected; the student pass stays fp32."""
+    precision. Only the encoder (no gradients) is affected; the student pass follows ``student_autocast``."""
+    student_autocast: str | None = None
+    """Run the student pass (base model with the generated adapters, and the hypernetwork that makes
+    them) under autocast to this dtype ("bfloat16" on GPUs), ``None`` for full precision. Weights,
+    gradients and optimizer moments stay fp32."""
     checkpoint_every: int = 50
     eval_every: int = 100
     eval_docs: int = 48
@@ -92,6 +96,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # Fail when the config is made, not an hour into the run.
         self.encoder_dtype()
+        self.student_dtype()
         if not 0 <= self.schedule_start < self.steps:
             raise ValueError(f"schedule_start {self.schedule_start} must lie in 0..steps-1 ({self.steps - 1})")
         if self.eval_docs < 2:
@@ -105,6 +110,15 @@ class TrainConfig:
             return float_dtype(self.encoder_autocast)
         except ValueError as err:
             raise ValueError(f"encoder_autocast {err}") from None
+
+    def student_dtype(self) -> torch.dtype | None:
+        """``student_autocast`` as a torch dtype; a typed error names the bad value."""
+        if self.student_autocast is None:
+            return None
+        try:
+            return float_dtype(self.student_autocast)
+        except ValueError as err:
+            raise ValueError(f"student_autocast {err}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:

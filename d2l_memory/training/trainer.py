@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import contextlib
 import dataclasses
 import random
 import time
@@ -24,6 +25,7 @@ from d2l_memory.hypernet import HyperLoRA, count_parameters
 from d2l_memory.internalize import run_hypernet
 from d2l_memory.training.batch import MicroBatch, build_microbatch, student_forward, teacher_top_k
 from d2l_memory.training.config import TrainConfig
+from d2l_memory.training.distributed import Workers
 from d2l_memory.training.grow import grown_hypernet
 from d2l_memory.training.state import (
     OPTIMIZER_FILE,
@@ -91,11 +93,14 @@ class HeldOutScore:
 class Trainer:
     """Meta-trains a hypernetwork for one base model. ``run()`` resumes from ``out_dir/state`` if present."""
 
-    def __init__(self, cfg: TrainConfig, base: LoadedBaseModel | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, base: LoadedBaseModel | None = None, workers: Workers | None = None) -> None:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.base = base or load_base_model(cfg.base_model, device=cfg.device)
+        self.workers = workers or Workers.from_env(cfg.device)
+        """This process among ``torchrun``'s (a single process without it)."""
+        self.device = self.workers.device(cfg.device)
+        self.base = base or load_base_model(cfg.base_model, device=self.device)
         self.run_dir = Path(cfg.out_dir)
         self.layers_prefix = decoder_layers_prefix(self.base.model)
         self.affixes = user_turn_affixes(self.base.tokenizer)
@@ -105,7 +110,7 @@ class Trainer:
         state_dir = latest_state_dir(self.run_dir)
         if state_dir is not None:
             self.hypernet, self.optimizer, info = load_training_state(
-                state_dir, self._optimizer, self.base.fingerprint, cfg.device
+                state_dir, self._optimizer, self.base.fingerprint, self.device
             )
             self.step = int(info["step"])
             if is_weights_only(state_dir):
@@ -124,7 +129,7 @@ class Trainer:
                     f"continue: copy the run's state there (training-runs/README.md) or set schedule_start 0"
                 )
             torch.manual_seed(cfg.seed)
-            self.hypernet = HyperLoRA(self.hypernet_cfg).to(cfg.device).train()
+            self.hypernet = HyperLoRA(self.hypernet_cfg).to(self.device).train()
             self.optimizer = self._optimizer(self.hypernet.parameters())
         logger.info("Hypernetwork: %s parameters", f"{count_parameters(self.hypernet):,}")
 
@@ -153,9 +158,12 @@ class Trainer:
         return [mixed_sample(self.cfg.seed, split, start + i, self.cfg.domain_weights) for i in range(count)]  # type: ignore[arg-type]
 
     def microbatch(self, step: int, micro: int) -> MicroBatch:
+        """This process's ``micro``-th micro-batch of ``step``. Processes take consecutive micro-batches
+        of the step, so W processes with ``grad_accum`` G read what one process with W·G would."""
         cfg = self.cfg
-        first = (step * cfg.grad_accum + micro) * cfg.docs_per_step
-        rng = random.Random(f"{cfg.seed}/batch/{step}/{micro}")
+        index = self.workers.rank * cfg.grad_accum + micro
+        first = (step * cfg.grad_accum * self.workers.world + index) * cfg.docs_per_step
+        rng = random.Random(f"{cfg.seed}/batch/{step}/{index}")
         return build_microbatch(
             self.samples("train", first, cfg.docs_per_step), self.base.tokenizer, self.affixes, rng,
             questions_per_doc=cfg.questions_per_doc, multi_chunk_prob=cfg.multi_chunk_prob, max_chunks=cfg.max_chunks,
@@ -173,8 +181,9 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             batch = self.microbatch(self.step, micro)
             teacher = teacher_top_k(self.base.model, batch.teacher, cfg.teacher_top_k) if batch.teacher else None
-            out = student_forward(self.base.model, self.hypernet, self.layers_prefix, batch, teacher=teacher,
-                                  encoder_autocast=cfg.encoder_dtype())
+            with self._student_autocast():
+                out = student_forward(self.base.model, self.hypernet, self.layers_prefix, batch, teacher=teacher,
+                                      encoder_autocast=cfg.encoder_dtype())
             loss = cfg.ce_weight * out.loss + cfg.kl_weight * out.kl + cfg.l1_weight * out.l1
             (loss / cfg.grad_accum).backward()
             totals["loss"] += out.loss.item() / cfg.grad_accum
@@ -182,10 +191,18 @@ class Trainer:
             totals["l1"] += out.l1.item() / cfg.grad_accum
             totals["token_acc"] += out.token_correct.mean().item() / cfg.grad_accum
             totals["exact"] += out.answer_exact.mean().item() / cfg.grad_accum
+        self.workers.average_gradients(self.hypernet.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.hypernet.parameters(), cfg.grad_clip).item()
         self.optimizer.step()
         self.step += 1
-        return {**totals, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]}
+        return {**self.workers.average(totals, self.device), "grad_norm": grad_norm,
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _student_autocast(self) -> contextlib.AbstractContextManager[None]:
+        dtype = self.cfg.student_dtype()
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=dtype)
 
     @torch.no_grad()
     def held_out_rows(self, samples: Sequence[Sample], encoder_autocast: torch.dtype | None = None,
@@ -234,7 +251,12 @@ class Trainer:
         return HeldOutScore.of(rows)
 
     def run(self, progress: bool = True) -> None:
+        """Train up to ``cfg.steps``. Under ``torchrun`` every process trains; rank 0 alone writes."""
         cfg = self.cfg
+        if not self.workers.is_main:
+            while self.step < cfg.steps:
+                self.train_step()
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "train_config.json").write_text(cfg.to_json())
         log_path = self.run_dir / "log.jsonl"

@@ -104,21 +104,20 @@ class TrainConfig:
 
     def encoder_dtype(self) -> torch.dtype | None:
         """``encoder_autocast`` as a torch dtype; a typed error names the bad value."""
-        if self.encoder_autocast is None:
-            return None
-        try:
-            return float_dtype(self.encoder_autocast)
-        except ValueError as err:
-            raise ValueError(f"encoder_autocast {err}") from None
+        return self._autocast_dtype("encoder_autocast")
 
     def student_dtype(self) -> torch.dtype | None:
         """``student_autocast`` as a torch dtype; a typed error names the bad value."""
-        if self.student_autocast is None:
+        return self._autocast_dtype("student_autocast")
+
+    def _autocast_dtype(self, field_name: str) -> torch.dtype | None:
+        value = getattr(self, field_name)
+        if value is None:
             return None
         try:
-            return float_dtype(self.student_autocast)
+            return float_dtype(value)
         except ValueError as err:
-            raise ValueError(f"student_autocast {err}") from None
+            raise ValueError(f"{field_name} {err}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:

@@ -2,7 +2,8 @@
 
 Policy (every choice carries a human-readable reason):
 1. The session's own history memories are always applied, all chunks while they fit the rank
-   budget. Past it, the chunks whose text best matches the query (BM25) are applied, the newest
+   budget (half of it when other memories are in scope, so a long chat cannot crowd out every
+   document). Past it, the chunks whose text best matches the query (BM25) are applied, the newest
    first among equals: the newest turns are still verbatim in the prompt, so what the compacted
    history must supply is an older turn the question is about.
 2. Other memories (documents, tool docs) are all applied when they fit the remaining rank budget and
@@ -96,7 +97,9 @@ def _best_chunks(query: str, texts: Sequence[str], n: int, *, later_wins_ties: b
 
 def select_memories(query: str, candidates: Sequence[Candidate], *, top_k: int, rank_budget: int) -> list[Selection]:
     chosen: list[Selection] = []
-    budget = rank_budget
+    others = [c for c in candidates if not c.session_history]
+    history_budget = rank_budget // 2 if others else rank_budget
+    budget = history_budget
     for cand in (c for c in candidates if c.session_history):
         n = len(cand.chunk_texts)
         fit = min(n, budget // cand.rank_per_chunk)
@@ -107,12 +110,13 @@ def select_memories(query: str, candidates: Sequence[Candidate], *, top_k: int, 
         else:
             keep = _best_chunks(query, cand.chunk_texts, fit, later_wins_ties=True)
             chosen.append(Selection(cand.record_id, keep, 0.0,
-                                    f"session history, best {fit} of {n} chunks for the query within the rank budget"))
+                                    f"session history, best {fit} of {n} chunks for the query within "
+                                    f"{'half ' if others else ''}the rank budget"))
         budget -= fit * cand.rank_per_chunk
 
-    others = [c for c in candidates if not c.session_history]
     if not others:
         return chosen
+    budget += rank_budget - history_budget
     if len(others) <= top_k and sum(c.rank for c in others) <= budget:
         chosen += [Selection(c.record_id, tuple(range(len(c.chunk_texts))), 0.0, "all memories in scope fit the rank budget") for c in others]
         return chosen

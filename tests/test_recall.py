@@ -21,11 +21,16 @@ def test_history_past_the_budget_keeps_the_chunks_the_query_is_about() -> None:
     assert chosen.chunks == (2, 3)
 
 
-def test_history_takes_budget_before_documents() -> None:
+def test_history_gets_half_the_budget_when_documents_are_in_scope() -> None:
     doc = Candidate("d", "document", "notes", ("Paris is the capital", "bakers bake bread"), 8, False)
-    chosen = select_memories("bread", [HISTORY, doc], top_k=4, rank_budget=40)
+    chosen = select_memories("bread and my locker code", [HISTORY, doc], top_k=4, rank_budget=40)
     assert [c.record_id for c in chosen] == ["h", "d"]
-    assert chosen[1].chunks == (1,) and "best 1 of 2 chunks" in chosen[1].reason
+    assert chosen[0].chunks == (0, 3) and "within half the rank budget" in chosen[0].reason
+    assert chosen[1].chunks == (0, 1)  # what history left unused goes to the documents
+    tight = select_memories("bread", [HISTORY, doc], top_k=4, rank_budget=16)
+    assert len(tight[0].chunks) == 1 and tight[1].chunks == (1,) and "best 1 of 2 chunks" in tight[1].reason
+    (alone,) = select_memories("locker", [HISTORY], top_k=4, rank_budget=24)
+    assert len(alone.chunks) == 3  # no documents: the whole budget
 
 
 def test_bm25_tells_two_chunks_apart_and_scores_only_shared_words() -> None:

@@ -15,7 +15,6 @@ a better checkpoint meets them, so the marker has to be removed then.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,28 +31,10 @@ MIN_COMPACTION_GAIN = 0.25
 """Compacted memory must answer at least this share of early-turn questions more than the window alone."""
 
 
-@dataclass(frozen=True)
-class Conversation:
-    messages: list[dict[str, str]]
-    questions: list[tuple[str, str]]
-    """(question, answer) about facts told in the first turns only."""
-
-
-def forty_message_conversation(seed: int = 7, n_facts: int = 6) -> Conversation:
+def forty_message_conversation(seed: int = 7, n_facts: int = 6) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:
     """Facts in the first turns, then small talk until the conversation has 40 messages."""
-    rng = random.Random(seed)
-    messages: list[dict[str, str]] = []
-    questions: list[tuple[str, str]] = []
-    for statement, question, kind, _value_class, _open in rng.sample(synth._CHAT_FACTS, n_facts):
-        draw = synth._CHAT_DRAW.get(kind)
-        value = draw(rng, "test") if draw else synth.vocab.closed(rng, kind)
-        messages += [{"role": "user", "content": statement.format(v=value)},
-                     {"role": "assistant", "content": rng.choice(synth._ACKS)}]
-        questions.append((question, value))
-    while len(messages) < 40:
-        user, assistant = rng.choice(synth._SMALL_TALK)
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    return Conversation(messages, questions)
+    messages, qas = synth.long_conversation(random.Random(seed), "test", n_facts, n_messages=40)
+    return messages, [(qa.question, qa.answer) for qa in qas]
 
 
 @pytest.fixture(scope="module")
@@ -72,18 +53,18 @@ def provider(engine: MemoryEngine, tmp_path: Path) -> MemoryProvider:
 
 def compaction_scores(engine: MemoryEngine, provider: MemoryProvider) -> tuple[float, float, int]:
     """(share right with compacted memory + window, share right with the window alone, chunks)."""
-    talk = forty_message_conversation()
-    for i in range(0, len(talk.messages), 2):  # as a chat app would: one exchange at a time
-        provider.append_messages(SESSION, talk.messages[i : i + 2])
+    messages, questions = forty_message_conversation()
+    for i in range(0, len(messages), 2):  # as a chat app would: one exchange at a time
+        provider.append_messages(SESSION, messages[i : i + 2])
     window = provider.window(SESSION)
-    assert len(window) <= 8 + 4 and not any(m["content"] == talk.messages[0]["content"] for m in window)
+    assert len(window) <= 8 + 4 and not any(m["content"] == messages[0]["content"] for m in window)
     record = provider.session_memory(SESSION)
     assert record is not None
     with_memory = without = 0
-    for question, answer in talk.questions:
+    for question, answer in questions:
         with_memory += contains_match(provider.answer(question, SESSION, max_new_tokens=24).text, answer)
         without += contains_match(engine.generate(question, history=window, max_new_tokens=24), answer)
-    n = len(talk.questions)
+    n = len(questions)
     return with_memory / n, without / n, record.n_chunks
 
 

@@ -170,6 +170,23 @@ def conversation(rng: random.Random, split: Split) -> tuple[str, list[QA]]:
     return "\n".join(lines), qas
 
 
+def long_conversation(rng: random.Random, split: Split, n_facts: int = 6,
+                      n_messages: int = 40) -> tuple[list[dict[str, str]], list[QA]]:
+    """Chat messages that state ``n_facts`` facts in the first exchanges, then small talk up to
+    ``n_messages``: the early turns are what a verbatim window loses (the compaction use case)."""
+    messages: list[dict[str, str]] = []
+    qas: list[QA] = []
+    for statement, question, kind, value_class, is_open in rng.sample(_CHAT_FACTS, n_facts):
+        value = _CHAT_DRAW[kind](rng, split) if kind in _CHAT_DRAW else vocab.closed(rng, kind)
+        messages += [{"role": "user", "content": statement.format(v=value)},
+                     {"role": "assistant", "content": rng.choice(_ACKS)}]
+        qas.append(QA(question, value, "single", value_class, is_open))
+    while len(messages) < n_messages:
+        user, assistant = rng.choice(_SMALL_TALK)
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return messages, qas
+
+
 # ---- tool documentation --------------------------------------------------------------------------
 
 _PURPOSES = ("archives old invoices", "resizes a storage volume", "sends a push notification",

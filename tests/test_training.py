@@ -335,3 +335,23 @@ def test_two_torchrun_processes_take_the_step_of_one_with_double_accumulation(tm
     assert [r["step"] for r in log_two] == [1, 2]  # rank 0 alone writes: one record per step
     for a, b in zip(log_one, log_two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_distractors_add_other_documents_chunks_after_the_own_ones(tmp_path: Path) -> None:
+    import random
+
+    from d2l_memory.training.batch import with_distractors
+
+    chunks = [[0], [1, 2], [3]]
+    assert with_distractors(chunks, random.Random(0), 0.0) == chunks
+    for seed in range(20):
+        mixed = with_distractors(chunks, random.Random(seed), 1.0)
+        for own, memory in zip(chunks, mixed, strict=True):
+            assert memory[: len(own)] == own and len(memory) > len(own)
+            assert len(set(memory)) == len(memory)  # no chunk twice
+    plain = Trainer(tiny_config(tmp_path / "a", 2), base=tiny_base()).microbatch(0, 0)
+    noisy = Trainer(tiny_config(tmp_path / "b", 2, distractor_prob=1.0), base=tiny_base()).microbatch(0, 0)
+    assert noisy.chunks == plain.chunks and noisy.qas == plain.qas  # same documents, same questions
+    assert all(len(n) > len(p) for n, p in zip(noisy.doc_chunks, plain.doc_chunks, strict=True))
+    with pytest.raises(ValueError, match="distractor_prob"):
+        tiny_config(tmp_path, steps=10, distractor_prob=1.5)

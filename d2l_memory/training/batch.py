@@ -67,10 +67,13 @@ def build_microbatch(
     max_chunks: int,
     row_doc_override: Sequence[int] | None = None,
     with_teacher: bool = False,
+    distractor_prob: float = 0.0,
 ) -> MicroBatch:
     """Chunk each sample's text and pick its questions. ``row_doc_override`` swaps adapters (the control).
 
     ``with_teacher`` also builds the teacher's rows: the document in the prompt, then the same answer.
+    ``distractor_prob``: the chance that a document's memory also holds the chunks of 1 to all of the
+    batch's other documents (see ``TrainConfig.distractor_prob``).
     """
     chunks: list[tuple[int, ...]] = []
     doc_chunks: list[list[int]] = []
@@ -92,11 +95,26 @@ def build_microbatch(
                 teacher_rows.append((prompt_ids(tokenizer, qa.question, context=sample.text), rows[-1][1]))
             row_doc.append(d)
             qas.append(qa)
+    if distractor_prob > 0:  # no draw otherwise: batches of runs without distractors stay the same
+        doc_chunks = with_distractors(doc_chunks, rng, distractor_prob)
     if row_doc_override is not None:
         row_doc = list(row_doc_override)
     ids, mask, labels = answer_rows(rows, tokenizer.pad_token_id)
     teacher = TeacherRows(*answer_rows(teacher_rows, tokenizer.pad_token_id)) if with_teacher else None
     return MicroBatch(chunks, doc_chunks, row_doc, ids, mask, labels, qas, teacher)
+
+
+def with_distractors(doc_chunks: list[list[int]], rng: random.Random, prob: float) -> list[list[int]]:
+    """Each document's chunk list, with probability ``prob`` followed by the chunks of 1..n-1 other
+    documents of the batch (the order along the rank axis does not change the adapter)."""
+    out = []
+    for d, own in enumerate(doc_chunks):
+        others = [o for o in range(len(doc_chunks)) if o != d]
+        if others and rng.random() < prob:
+            picked = rng.sample(others, rng.randint(1, len(others)))
+            own = own + [c for o in picked for c in doc_chunks[o]]
+        out.append(own)
+    return out
 
 
 def answer_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -49,6 +49,11 @@ class TrainConfig:
     multi_chunk_prob: float = 0.5
     """Probability that a training document is cut into 2..max_chunks chunks (else one chunk)."""
     max_chunks: int = 4
+    distractor_prob: float = 0.0
+    """Probability that a document's memory in a step also holds the chunk adapters of 1 to all of the
+    step's other documents, as when a long document, a compacted chat or several memories are applied
+    at once and most chunks are irrelevant to the question. Costs no extra encoding (those chunks are
+    encoded for their own documents anyway)."""
     domain_weights: dict[str, float] = field(
         default_factory=lambda: {"facts": 0.5, "conversation": 0.2, "tool": 0.15, "needle": 0.15}
     )
@@ -99,6 +104,8 @@ class TrainConfig:
         self.student_dtype()
         if not 0 <= self.schedule_start < self.steps:
             raise ValueError(f"schedule_start {self.schedule_start} must lie in 0..steps-1 ({self.steps - 1})")
+        if not 0.0 <= self.distractor_prob <= 1.0:
+            raise ValueError(f"distractor_prob {self.distractor_prob} must lie in 0..1")
         if self.eval_docs < 2:
             raise ValueError(f"eval_docs {self.eval_docs} must be at least 2: each held-out document is another's control")
 

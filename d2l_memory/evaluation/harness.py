@@ -148,6 +148,8 @@ def reusable_rows(
 
 
 def rag_context(engine: MemoryEngine, text: str, question: str, cfg: EvalConfig) -> str:
+    # The RAG baseline keeps rank_bm25's Okapi scores (not recall's bm25_scores) so that its rows stay
+    # comparable with, and reusable from, evaluations run before recall changed its scoring.
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     chunks = [engine.tokenizer.decode(ids[s : s + cfg.rag_chunk_tokens]) for s in range(0, len(ids), cfg.rag_chunk_tokens)]
     scores = BM25Okapi([words(c) or ["\u2205"] for c in chunks]).get_scores(words(question))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
-import contextlib
-import dataclasses
 import random
 import time
 from collections.abc import Sequence

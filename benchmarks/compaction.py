@@ -8,7 +8,7 @@ messages, compaction blocks of 4), as a chat app would send them, so the facts e
 session's compacted chunk adapters. Every fact question is then answered, greedy, contains-match:
 
 - ``window``: the verbatim window alone (a chat app without memory);
-- ``memory``: the window plus all of the session's compacted chunk adapters (the provider's default);
+- ``memory, all chunks``: the window plus every one of the session's compacted chunk adapters;
 - ``memory, k chunks``: the window plus the k chunks recall picks for the question (rank budget
   k × rank per chunk); ``picked`` says how often the chunk stating the fact was among them;
 - ``transcript``: all 40 messages verbatim in the prompt (the in-context reference; skipped where they
@@ -39,6 +39,8 @@ from d2l_memory.training.synth import long_conversation
 
 logger = logging.getLogger("benchmarks.compaction")
 CONFIG = ProviderConfig(verbatim_messages=8, compact_block=4)
+EVERY_CHUNK = 1 << 20
+"""A rank budget no conversation reaches: the ``memory, all chunks`` row."""
 MAX_NEW_TOKENS = 24
 
 
@@ -47,7 +49,7 @@ def run(engine: MemoryEngine, conversations: int, chunk_budgets: list[int]) -> d
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         store = AdapterStore.open(f"sqlite:///{tmp}/index.db", Path(tmp) / "blobs")
-        provider = MemoryProvider(engine, store, CONFIG)
+        provider = MemoryProvider(engine, store, dataclasses.replace(CONFIG, rank_budget=EVERY_CHUNK))
         budgeted = {k: MemoryProvider(engine, store, dataclasses.replace(CONFIG, rank_budget=k * engine.hypernet.cfg.rank))
                     for k in chunk_budgets}
         for c in range(conversations):
@@ -61,7 +63,7 @@ def run(engine: MemoryEngine, conversations: int, chunk_budgets: list[int]) -> d
             for qa in qas:
                 answers = {
                     "window": engine.generate(qa.question, history=window, max_new_tokens=MAX_NEW_TOKENS),
-                    "memory": provider.answer(qa.question, scope, max_new_tokens=MAX_NEW_TOKENS).text,
+                    "memory, all chunks": provider.answer(qa.question, scope, max_new_tokens=MAX_NEW_TOKENS).text,
                 }
                 if engine.count_prompt_tokens(qa.question, history=messages) + MAX_NEW_TOKENS <= context_window(engine.model):
                     answers["transcript"] = engine.generate(qa.question, history=messages, max_new_tokens=MAX_NEW_TOKENS)
@@ -99,7 +101,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
     ]
     for mode, acc in result["accuracy"].items():
         picked = result["fact_chunk_picked"].get(mode)
-        applied = "all" if mode == "memory" else "n/a" if picked is None else f"{100 * picked:.0f}%"
+        applied = "all" if mode == "memory, all chunks" else "n/a" if picked is None else f"{100 * picked:.0f}%"
         lines.append(f"| {mode} | {100 * acc:.1f}% | {applied} |")
     return "\n".join(lines)
 

@@ -3,13 +3,16 @@
 The scenario is built from the held-out split (values training never saw), so these measure the
 checkpoint, not memorisation. Decoding is greedy and the weights are fixed, so results are repeatable.
 
-The shipped checkpoints so far do not meet the two quality requirements. Measured: the compacted
-40-message conversation answered 0/6 early-turn questions with the step-2300 checkpoint shipped in
-the second session of 2026-12-03, as with the step-1550 one before it (1/6 with the first run's step
-1600, 0/6 with its step 600; the window alone 0/6, and the test asks for a gain of at least 0.25), and
-none of them recalled either compacted fact before a chunk was dropped. Those two tests are strict xfails: they
-state the requirement, CI reports them as known failures, and they turn into errors (XPASS) as soon as
-a better checkpoint meets them, so the marker has to be removed then.
+The compaction requirement is met since the provider's default rank budget became 2 chunks (first
+session of 2026-12-04), so that recall applies the 2 compacted chunks that match the question instead
+of all of them: the compacted 40-message conversation answers 3/6 early-turn questions, the window
+alone 0/6 (the test asks for a gain of at least 0.25), with the step-2900 checkpoint and with the
+step-2300 one alike. With every compacted chunk applied (the old 64-chunk budget) every checkpoint
+answered 0/6 or 1/6.
+The chunk-dropping test still fails: before the drop the step-2900 checkpoint answers the locker code
+(7305) but calls the user a baker, not a florist. It stays a strict xfail: CI reports it as a known
+failure, and it turns into an error (XPASS) as soon as a better checkpoint meets it, so the marker has
+to be removed then.
 """
 
 from __future__ import annotations
@@ -69,10 +72,9 @@ def compaction_scores(engine: MemoryEngine, provider: MemoryProvider) -> tuple[f
 
 
 KNOWN_WEAK_CHECKPOINT = pytest.mark.xfail(
-    strict=True, reason="shipped checkpoint (2300 CPU steps) does not yet recall compacted facts; see module doc")
+    strict=True, reason="shipped checkpoint (2900 CPU steps) recalls only one of the two compacted facts; see module doc")
 
 
-@KNOWN_WEAK_CHECKPOINT
 def test_compacted_conversation_answers_early_turns_the_window_has_lost(engine: MemoryEngine,
                                                                         provider: MemoryProvider) -> None:
     with_memory, window_only, _ = compaction_scores(engine, provider)

@@ -209,7 +209,8 @@ def run_eval(engine: MemoryEngine, cfg: EvalConfig = EvalConfig(), progress: boo
     for doc in tqdm(docs, desc="internalizing", disable=not progress):
         t0 = time.perf_counter()
         doc.memory = engine.internalize(doc.sample.text, progress=False)
-        doc.chunk_texts = tuple(span_texts(doc.sample.text, engine.tokenizer, doc.memory.chunk_spans))
+        if "adapter_recall" in cfg.modes:  # only that mode ranks chunk texts: skip re-tokenising otherwise
+            doc.chunk_texts = tuple(span_texts(doc.sample.text, engine.tokenizer, doc.memory.chunk_spans))
         write_seconds.append(time.perf_counter() - t0)
     if "distill" in cfg.modes and "distill" not in reused_modes:
         subset = [d for d in docs if d.in_distill_subset]

@@ -9,10 +9,12 @@ of all of them: the compacted 40-message conversation answers 3/6 early-turn que
 alone 0/6 (the test asks for a gain of at least 0.25), with the step-2900 checkpoint and with the
 step-2300 one alike. With every compacted chunk applied (the old 64-chunk budget) every checkpoint
 answered 0/6 or 1/6.
-The chunk-dropping test still fails: before the drop the step-2900 checkpoint answers the locker code
-(7305) but calls the user a baker, not a florist. It stays a strict xfail: CI reports it as a known
-failure, and it turns into an error (XPASS) as soon as a better checkpoint meets it, so the marker has
-to be removed then.
+The chunk-dropping test states six held-out facts in six compacted chunks (one exchange each) and
+drops the chunk of the first unseen value the memory recalls. It replaced (2026-12-03) a hand-written
+pair (a locker code and "florist") that the step-2900 checkpoint half-recalled before any drop
+("baker"), which kept it a strict xfail. With the step-2900 checkpoint, on seeds 11, 12 and 13 of the
+generator: 3, 5 and 3 of 6 facts recalled before the drop; the dropped one forgotten each time; every
+other recalled fact still recalled after it.
 """
 
 from __future__ import annotations
@@ -71,41 +73,40 @@ def compaction_scores(engine: MemoryEngine, provider: MemoryProvider) -> tuple[f
     return with_memory / n, without / n, record.n_chunks
 
 
-KNOWN_WEAK_CHECKPOINT = pytest.mark.xfail(
-    strict=True, reason="shipped checkpoint (2900 CPU steps) recalls only one of the two compacted facts; see module doc")
-
-
 def test_compacted_conversation_answers_early_turns_the_window_has_lost(engine: MemoryEngine,
                                                                         provider: MemoryProvider) -> None:
     with_memory, window_only, _ = compaction_scores(engine, provider)
     assert with_memory >= window_only + MIN_COMPACTION_GAIN, (with_memory, window_only)
 
 
-LOCKER = ("What is my gym locker code?", "7305")
-JOB = ("What is my profession?", "florist")
-
-
-def told(provider: MemoryProvider, scope: Scope, statement: str) -> None:
-    provider.append_messages(scope, [{"role": "user", "content": statement},
-                                     {"role": "assistant", "content": "Thanks, I'll remember that."}])
+def told(provider: MemoryProvider, scope: Scope, exchange: list[dict[str, str]]) -> None:
+    provider.append_messages(scope, exchange)
     provider.compact(scope)  # one chunk per exchange, nothing left verbatim
 
 
-def chunk_recall(provider: MemoryProvider, scope: Scope) -> dict[str, bool]:
-    return {answer: contains_match(provider.answer(question, scope, max_new_tokens=16).text, answer)
-            for question, answer in (LOCKER, JOB)}
+def recalled(provider: MemoryProvider, scope: Scope, qas: list[synth.QA]) -> list[bool]:
+    return [contains_match(provider.answer(qa.question, scope, max_new_tokens=16).text, qa.answer) for qa in qas]
 
 
-@KNOWN_WEAK_CHECKPOINT
 def test_dropping_a_chunk_forgets_what_it_taught(provider: MemoryProvider) -> None:
+    """Six held-out facts, one compacted chunk each. Of the facts the memory recalls, the one whose
+    chunk is dropped must be gone, and the others must stay (their rank slices are untouched)."""
     scope = Scope(tenant="acme", user="erin", session="s")
-    told(provider, scope, "The code for my gym locker is 7305.")
-    told(provider, scope, "I'm a florist by profession.")
+    messages, qas = synth.long_conversation(random.Random(11), "test", n_facts=6, n_messages=12)
+    for i in range(0, len(messages), 2):
+        told(provider, scope, messages[i : i + 2])
     record = provider.session_memory(scope)
-    assert record is not None and record.n_chunks == 2
-    assert chunk_recall(provider, scope) == {"7305": True, "florist": True}
-    provider.forget_chunks(record.id, [0], scope)
-    assert chunk_recall(provider, scope) == {"7305": False, "florist": True}
+    assert record is not None and record.n_chunks == len(qas)
+    before = recalled(provider, scope, qas)
+    # Only a value training never saw proves forgetting: a closed-set one can come back from the prior.
+    taught = [i for i, ok in enumerate(before) if ok and qas[i].open_value]
+    assert taught, f"the memory recalled no unseen fact before the drop: {before}"
+    dropped = taught[0]
+    provider.forget_chunks(record.id, [dropped], scope)
+    after = recalled(provider, scope, qas)
+    assert not after[dropped], f"still answers {qas[dropped].answer!r} after its chunk was dropped"
+    kept = [i for i, ok in enumerate(before) if ok and i != dropped]
+    assert all(after[i] for i in kept), {"before": before, "after": after}
 
 
 def test_a_document_in_one_scope_is_invisible_from_another(provider: MemoryProvider) -> None:

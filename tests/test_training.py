@@ -283,6 +283,7 @@ def test_training_record_lists_every_held_out_check(tmp_path: Path) -> None:
     table = [line for line in text.splitlines() if line.startswith("| 2 |") or line.startswith("| 4 |")]
     assert len(table) == 2 and "4 optimizer steps" in text
     assert "cosine to ×0.1 over 4 steps" in text and "conversation 0.3, facts 0.5, tool 0.2" in text
+    assert "distractors" not in text
 
 
 def test_training_record_names_a_warm_restart(tmp_path: Path) -> None:
@@ -292,10 +293,12 @@ def test_training_record_names_a_warm_restart(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="holds no state to continue"):  # a continued run's config, copied
         Trainer(tiny_config(tmp_path / "run", steps=4, schedule_start=2), base=base)
     Trainer(tiny_config(tmp_path / "run", steps=2), base=base).run(progress=False)
-    cfg = tiny_config(tmp_path / "run", steps=4, eval_every=2, schedule_start=2, encoder_autocast="bfloat16")
+    cfg = tiny_config(tmp_path / "run", steps=4, eval_every=2, schedule_start=2, encoder_autocast="bfloat16",
+                      distractor_prob=0.25)
     Trainer(cfg, base=base).run(progress=False)
     text = training_markdown(tmp_path / "run", tmp_path / "ckpt", "d2l-memory export-checkpoint run ckpt")
     assert "warm restart at step 2" in text and "encoder pass in bfloat16" in text
+    assert "with probability 0.25 the memory also holds chunks" in text
 
 
 def test_two_torchrun_processes_take_the_step_of_one_with_double_accumulation(tmp_path: Path) -> None:

@@ -27,6 +27,11 @@ def _mix(config: dict[str, Any]) -> str:
     return ", ".join(f"{name} {weight:g}" for name, weight in weights.items()) or "default"
 
 
+def _distractors(config: dict[str, Any]) -> str:
+    prob = config.get("distractor_prob", 0.0)
+    return f" (with probability {prob:g} the memory also holds chunks of 1 to all of the step's other documents, as distractors)" if prob else ""
+
+
 def training_markdown(run_dir: str | Path, checkpoint_dir: str | Path, command: str, plot_path: str | None = None) -> str:
     run_dir = Path(run_dir)
     records = read_log(run_dir / "log.jsonl")
@@ -45,7 +50,7 @@ def training_markdown(run_dir: str | Path, checkpoint_dir: str | Path, command: 
         f"Recipe: {config['docs_per_step']} documents × {config['questions_per_doc']} questions per step, "
         f"lr {config['lr']} ({_schedule(config)}), "
         f"rank {config['rank']} per chunk on {', '.join(config['targets'])} of every layer, "
-        f"{chunks} chunks per document, "
+        f"{chunks} chunks per document{_distractors(config)}, "
         f"loss = {config.get('ce_weight', 1.0)}·CE(gold) + {config.get('kl_weight', 0.0)}·KL(teacher top-{config.get('teacher_top_k', 16)}) "
         f"+ {config['l1_weight']}·L1; documents by domain {_mix(config)}; "
         f"encoder pass in {config.get('encoder_autocast') or 'float32'}. "

@@ -29,7 +29,9 @@ def _mix(config: dict[str, Any]) -> str:
 
 def _distractors(config: dict[str, Any]) -> str:
     prob = config.get("distractor_prob", 0.0)
-    return f" (with probability {prob:g} the memory also holds chunks of 1 to all of the step's other documents, as distractors)" if prob else ""
+    if not prob:
+        return ""
+    return f" (with probability {prob:g} the memory also holds chunks of 1 to all of the step's other documents, as distractors)"
 
 
 def training_markdown(run_dir: str | Path, checkpoint_dir: str | Path, command: str, plot_path: str | None = None) -> str:

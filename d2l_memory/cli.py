@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from d2l_store import RecordNotFound, StoreError
 
@@ -182,6 +183,42 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval-compare", help="pair two eval.json results question by question (flips and sign test)")
+    p.add_argument("before", help="eval.json of the reference hypernetwork")
+    p.add_argument("after", help="eval.json of the candidate, run with the same documents and settings")
+    p.add_argument("--metric", choices=("contains", "exact"), default="contains", help="right/wrong score to pair")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON instead of a markdown table")
+    p.set_defaults(handler=_run_eval_compare)
+
+
+def _read_eval(path: str) -> dict[str, Any]:
+    import json
+
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise D2LMemoryError(f"{path}: not a readable eval.json ({exc})") from exc
+    if not isinstance(result, dict) or not isinstance(result.get("rows"), list):
+        raise D2LMemoryError(f"{path}: not an eval.json (no rows)")
+    return result
+
+
+def _run_eval_compare(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from d2l_memory.evaluation.compare import compare, markdown
+
+    before, after = _read_eval(args.before), _read_eval(args.after)
+    deltas = compare(before, after, metric=args.metric)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(d) | {"points": d.points} for d in deltas], indent=1))
+    else:
+        print(markdown(deltas, str(before.get("hypernet")), str(after.get("hypernet")), args.metric))
+    return 0
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure write/read costs (runs benchmarks/perf.py of a source checkout)",
                        add_help=False)
@@ -210,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_export(sub)
     _add_eval(sub)
+    _add_eval_compare(sub)
     _add_bench(sub)
     return parser
 

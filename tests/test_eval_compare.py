@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +71,16 @@ def test_cli_prints_the_paired_table(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert json.loads(capsys.readouterr().out)[0]["gained"] == 5
     assert main(["eval-compare", str(a), str(junk)]) == 2
     assert "not a readable eval.json" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path: Path) -> None:
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps(_result("old", dict.fromkeys(QUESTIONS, False))))
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head` that has already exited
+    try:
+        done = subprocess.run([sys.executable, "-m", "d2l_memory.cli", "eval-compare", str(a), str(a)],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and "Traceback" not in done.stderr, done.stderr

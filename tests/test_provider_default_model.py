@@ -7,7 +7,7 @@ The compaction requirement is met since the provider's default rank budget becam
 session of 2026-12-04), so that recall applies the 2 compacted chunks that match the question instead
 of all of them: the compacted 40-message conversation answers 3/6 early-turn questions, the window
 alone 0/6 (the test asks for a gain of at least 0.25), with the step-2900 checkpoint and with the
-step-2300 one alike; the step-3500 one passes too. With every compacted chunk applied (the old
+step-2300 one alike; the step-3500 and step-4000 ones pass too. With every compacted chunk applied (the old
 64-chunk budget) every checkpoint up to step 2900 answered 0/6 or 1/6.
 The chunk-dropping test states six held-out facts in six compacted chunks (one exchange each) and
 drops the chunk of the first unseen value the memory recalls. It replaced (2026-12-03) a hand-written
@@ -15,10 +15,11 @@ pair (a locker code and "florist") that the step-2900 checkpoint half-recalled b
 ("baker"), which kept it a strict xfail. Seed 11 was fixed before any result was seen; seeds 12 and
 13 were run afterwards as a check. Step-2900 checkpoint: 3, 5 and 3 of 6 facts recalled before the
 drop; the dropped one forgotten each time; every other recalled fact still recalled after it.
-Step-3500 checkpoint (shipped since): 3, 5 and 4 of 6 before; the dropped one forgotten each time; on
+Step-3500 checkpoint: 3, 5 and 4 of 6 before; the dropped one forgotten each time; on
 seed 12 one other fact ("librarian", a closed-set value) was lost with it: recall still applies the
 chunk that states it, but, its BM25 partner having been dropped, sums it with another chunk (checked),
 and that pair answers wrongly. So the "others kept" clause holds on seeds 11 and 13 only.
+Step-4000 checkpoint (shipped 2026-12-04): all three tests pass (seed 11); seeds 12 and 13 not rerun.
 """
 
 from __future__ import annotations

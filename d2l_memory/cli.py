@@ -111,7 +111,7 @@ def _positive_int(text: str) -> int:
 
 
 def _eval_mode(text: str) -> str:
-    from d2l_memory.evaluation.harness import MODES
+    from d2l_memory.evaluation.rows import MODES
 
     if text not in MODES:
         raise argparse.ArgumentTypeError(f"unknown mode {text!r}; choose from {', '.join(MODES)}")
@@ -168,8 +168,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, modes=tuple(m for m in MODES if m in args.modes))
     if args.no_distill:
         cfg = dataclasses.replace(cfg, modes=tuple(m for m in cfg.modes if m != "distill"))
+    reuse = _read_eval(args.reuse_baselines) if args.reuse_baselines else None  # fail before the model loads
     engine = MemoryEngine.from_pretrained(**({"base_model": args.base_model} if args.base_model else {}), hypernet=args.hypernet)
-    reuse = json.loads(Path(args.reuse_baselines).read_text()) if args.reuse_baselines else None
     result = run_eval(engine, cfg, reuse=reuse)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,10 +185,12 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _add_eval_compare(sub: argparse._SubParsersAction) -> None:
+    from d2l_memory.evaluation.compare import SCORED_METRICS
+
     p = sub.add_parser("eval-compare", help="pair two eval.json results question by question (flips and sign test)")
     p.add_argument("before", help="eval.json of the reference hypernetwork")
     p.add_argument("after", help="eval.json of the candidate, run with the same documents and settings")
-    p.add_argument("--metric", choices=("contains", "exact"), default="contains", help="right/wrong score to pair")
+    p.add_argument("--metric", choices=SCORED_METRICS, default="contains", help="right/wrong score to pair")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON instead of a markdown table")
     p.set_defaults(handler=_run_eval_compare)
 

@@ -14,22 +14,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from d2l_memory.errors import IncomparableEvaluationError
+from d2l_memory.evaluation.rows import HYPERNET_MODES, Row, RowKey, is_short_doc, row_key, value_set
 
-Row = dict[str, Any]
-RowKey = tuple[str, str, int]
-
-# The modes whose answers depend on the hypernetwork; the others are the same in both runs by design.
-HYPERNET_MODES = ("adapter", "adapter_recall", "hybrid", "wrong_adapter")
 SCORED_METRICS = ("contains", "exact")
 
 SLICES: tuple[tuple[str, Callable[[Row], bool]], ...] = (
-    ("short docs", lambda r: r["domain"] != "needle"),
+    ("short docs", is_short_doc),
     ("facts", lambda r: r["domain"] == "facts"),
-    ("facts: closed-set values", lambda r: r["domain"] == "facts" and not r["open_value"]),
-    ("facts: unseen values", lambda r: r["domain"] == "facts" and bool(r["open_value"])),
+    ("facts: closed-set values", lambda r: r["domain"] == "facts" and value_set(r) == "closed-set values"),
+    ("facts: unseen values", lambda r: r["domain"] == "facts" and value_set(r) == "unseen values"),
     ("conversations", lambda r: r["domain"] == "conversation"),
     ("tool docs", lambda r: r["domain"] == "tool"),
-    ("needles", lambda r: r["domain"] == "needle"),
+    ("needles", lambda r: not is_short_doc(r)),
 )
 
 
@@ -60,16 +56,12 @@ def sign_test_p(gained: int, lost: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def _key(row: Row) -> RowKey:
-    return (str(row["doc"]), str(row["question"]), int(row["tokens"]))
-
-
 def _rows_by_mode(result: dict[str, Any], metric: str) -> dict[str, dict[RowKey, Row]]:
     out: dict[str, dict[RowKey, Row]] = {}
     for row in result.get("rows", []):
         if metric not in row:
             raise IncomparableEvaluationError(f"an evaluation row has no {metric!r} score")
-        out.setdefault(row["mode"], {})[_key(row)] = row
+        out.setdefault(row["mode"], {})[row_key(row)] = row
     return out
 
 

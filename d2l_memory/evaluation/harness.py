@@ -34,6 +34,7 @@ from d2l_memory.adapter import MemoryAdapter
 from d2l_memory.engine import MemoryEngine
 from d2l_memory.evaluation.distill import DistillConfig, context_distill
 from d2l_memory.evaluation.metrics import contains_match, exact_match, token_f1
+from d2l_memory.evaluation.rows import HYPERNET_FREE_MODES, MODES, is_short_doc, row_key, value_set
 from d2l_memory.chunking import span_texts
 from d2l_memory.config import GenerationConfig
 from d2l_memory.errors import IncomparableEvaluationError
@@ -43,11 +44,6 @@ from d2l_memory.training.synth import QA, Sample, make_sample, needle_document
 
 logger = logging.getLogger(__name__)
 
-MODES = ("none", "in_context", "rag", "adapter", "adapter_recall", "hybrid", "wrong_adapter", "distill")
-HYPERNET_FREE_MODES = ("none", "in_context", "rag", "distill")
-"""Modes whose answers do not depend on the hypernetwork (greedy decoding of the base model, or a
-LoRA trained by gradient descent): an evaluation of another checkpoint on the same documents may
-reuse them instead of spending most of its time recomputing them."""
 HYPERNET_ONLY_SETTINGS = ("modes", "recall_chunks")
 """Settings that change only hypernetwork-dependent rows, so reused rows need not agree on them."""
 
@@ -137,11 +133,11 @@ def reusable_rows(
             f"the earlier evaluation ran on base model {previous.get('base_model')}, not {engine.base_model_id}")
     expected = {(d.sample.sample_id, qa.question, d.tokens) for d in docs for qa in d.qas}
     rows = [r for r in previous.get("rows", []) if r["mode"] in HYPERNET_FREE_MODES and r["mode"] in cfg.modes]
-    answered_none = {(r["doc"], r["question"], r["tokens"]) for r in rows if r["mode"] == "none"}
+    answered_none = {row_key(r) for r in rows if r["mode"] == "none"}
     if "none" in cfg.modes and answered_none != expected:
         raise IncomparableEvaluationError(
             "the earlier evaluation's documents or questions differ from these (generator or tokenizer changed)")
-    if any((r["doc"], r["question"], r["tokens"]) not in expected for r in rows):
+    if any(row_key(r) not in expected for r in rows):
         raise IncomparableEvaluationError(
             "the earlier evaluation has rows for documents or questions that this one does not")
     return rows
@@ -277,15 +273,14 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     by_mode: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in results:
         by_mode[r["mode"]].append(r)
-    short = lambda r: r["domain"] != "needle"  # noqa: E731 - fact/conversation/tool documents
     out: dict[str, Any] = {}
     for mode, rows in by_mode.items():
-        docs_rows = [r for r in rows if short(r)]
+        docs_rows = [r for r in rows if is_short_doc(r)]
         facts = [r for r in rows if r["domain"] == "facts"]
         out[mode] = {
             "short_docs": _group(docs_rows, lambda r: "all"),
             "by_domain": _group(rows, lambda r: r["domain"]),
-            "facts_by_value": _group(facts, lambda r: "unseen values" if r["open_value"] else "closed-set values"),
+            "facts_by_value": _group(facts, value_set),
             "by_value_class": _group(docs_rows, lambda r: r["value_class"]),
             "needle_by_length": _group([r for r in rows if r["domain"] == "needle"], lambda r: r["target_tokens"]),
             "needle_by_depth": _group([r for r in rows if r["domain"] == "needle"], lambda r: r["depth"]),

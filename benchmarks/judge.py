@@ -1,0 +1,89 @@
+"""Judge a training run's latest state against the shipped checkpoint, in one command.
+
+After a training cycle the same four measurements decide whether its checkpoint ships (see
+``training-runs/README.md``): the evaluation on the documents of the previous ``eval.json`` (its
+hypernetwork-free rows reused), the paired comparison with that run, the recipe-ablation score row and
+the compaction benchmark. This runs them one after another (never two CPU jobs at once: on a small
+machine they only slow each other), each logged to its own file in ``--out``, and stops at the first
+failure. Deciding to ship, and writing BENCHMARKS.md, stays a person's job.
+
+    python benchmarks/judge.py runs/smollm2-135m-nokeys --name nokeys-...-step4500 --out /tmp/judge-4500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "d2l_memory.cli"]
+
+
+def eval_settings(previous: dict) -> list[str]:
+    """The ``d2l-memory eval`` flags that reproduce the previous run's documents and questions."""
+    config = previous["config"]
+    docs = ",".join(f"{domain}={n}" for domain, n in config["docs"].items())
+    return ["--docs", docs, "--needle-tokens", *map(str, config["needle_tokens"]),
+            "--distill-docs", str(config["distill_docs"]), "--recall-chunks", str(config["recall_chunks"])]
+
+
+def plan(run_dir: Path, previous: dict, previous_eval: Path, name: str, out: Path, conversations: int,
+         chunks: Sequence[int]) -> list[tuple[str, list[str]]]:
+    """The steps, as (label, argv); every one writes only below ``out`` (and the ablation row's folder)."""
+    hypernet = out / "hypernet"
+    return [
+        ("export", [*CLI, "export-checkpoint", str(run_dir), str(hypernet)]),
+        ("eval", [*CLI, "eval", "--hypernet", str(hypernet), *eval_settings(previous),
+                  "--reuse-baselines", str(previous_eval), "--out", str(out / "eval")]),
+        ("compare", [*CLI, "eval-compare", str(previous_eval), str(out / "eval" / "eval.json")]),
+        ("ablation-row", [sys.executable, str(REPO / "benchmarks" / "ablate.py"), str(REPO / "configs" / "ablations.json"),
+                          "--score-run", str(run_dir), "--name", name]),
+        ("compaction", [sys.executable, str(REPO / "benchmarks" / "compaction.py"), "--conversations", str(conversations),
+                        "--chunks", *map(str, chunks), "--hypernet", str(hypernet), "--out", str(out / "compaction")]),
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="training run whose state/ is judged")
+    parser.add_argument("--name", required=True, help="the ablation table's row name for this state")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the checkpoint, results and logs")
+    parser.add_argument("--previous", type=Path, default=REPO / "benchmarks" / "results" / "eval.json",
+                        help="eval.json of the shipped checkpoint (default: the committed one)")
+    parser.add_argument("--conversations", type=int, default=5, help="compaction benchmark conversations")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4], help="compaction rank budgets")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = parser.parse_args(argv)
+    run_dir, out = args.run_dir.resolve(), args.out.resolve()  # the steps run from the repository root
+    if not (args.run_dir / "state").is_dir():
+        parser.error(f"{args.run_dir} has no state/ folder")
+    if not args.previous.is_file():
+        parser.error(f"no previous evaluation at {args.previous}")
+    # The committed eval.json is overwritten when a checkpoint ships; judge against a copy of it.
+    previous_eval = out / "previous-eval.json"
+    if not args.dry_run:
+        out.mkdir(parents=True, exist_ok=True)
+        previous_eval.write_bytes(args.previous.read_bytes())
+    previous = json.loads(args.previous.read_text())
+    for label, command in plan(run_dir, previous, previous_eval, args.name, out, args.conversations, args.chunks):
+        print(f"[{label}] {shlex.join(command)}", flush=True)
+        if args.dry_run:
+            continue
+        start = time.monotonic()
+        log_path = out / f"{label}.log"
+        with open(log_path, "w") as log:
+            status = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+        print(f"[{label}] status {status} after {time.monotonic() - start:.0f} s, log {log_path}", flush=True)
+        if status != 0:
+            return status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

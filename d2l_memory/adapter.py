@@ -68,7 +68,8 @@ class MemoryAdapter:
         return tensor_digest(self.to_tensors())
 
     def to(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> MemoryAdapter:
-        moved = {n: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)) for n, (a, b) in self.weights.items()}
+        moved = {n: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
+                 for n, (a, b) in self.weights.items()}
         return replace(self, weights=moved)
 
     def select_chunks(self, indices: Iterable[int]) -> MemoryAdapter:
@@ -99,17 +100,18 @@ class MemoryAdapter:
         if not adapters:
             raise ValueError("concat needs at least one adapter")
         first = adapters[0]
+        identity = (first.base_model, first.hypernet, first.rank_per_chunk)
         for other in adapters[1:]:
-            if (other.base_model, other.hypernet, other.rank_per_chunk) != (first.base_model, first.hypernet, first.rank_per_chunk):
+            if (other.base_model, other.hypernet, other.rank_per_chunk) != identity:
                 raise IncompatibleCheckpointError(
                     "cannot combine adapters made for different base models, hypernetworks or ranks: "
-                    f"{(first.base_model, first.hypernet, first.rank_per_chunk)} vs "
-                    f"{(other.base_model, other.hypernet, other.rank_per_chunk)}"
+                    f"{identity} vs {(other.base_model, other.hypernet, other.rank_per_chunk)}"
                 )
             if sorted(other.weights) != sorted(first.weights):
                 raise IncompatibleCheckpointError("cannot combine adapters that target different modules")
         weights = {
-            n: (torch.cat([ad.weights[n][0] for ad in adapters], 0), torch.cat([ad.weights[n][1] for ad in adapters], 1))
+            n: (torch.cat([ad.weights[n][0] for ad in adapters], 0),
+                torch.cat([ad.weights[n][1] for ad in adapters], 1))
             for n in first.weights
         }
         spans = tuple(s for ad in adapters for s in ad.chunk_spans)
@@ -141,7 +143,8 @@ class MemoryAdapter:
         except KeyError as exc:
             raise CheckpointError(f"adapter tensors lack {exc.args[0]}") from exc
         spans = tuple((int(s), int(e)) for s, e in chunk_spans)
-        return cls(weights=weights, rank_per_chunk=rank_per_chunk, chunk_spans=spans, base_model=base_model, hypernet=hypernet)
+        return cls(weights=weights, rank_per_chunk=rank_per_chunk, chunk_spans=spans, base_model=base_model,
+                   hypernet=hypernet)
 
     def save(self, path: str | Path) -> Path:
         """Write one safetensors file whose header carries identity, chunk spans and a content hash."""

@@ -153,7 +153,9 @@ def load_hypernet(
     module = HyperLoRA(meta.config)
     missing, unexpected = module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{weights_path}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{weights_path}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return module.to(device).eval(), meta
 
 

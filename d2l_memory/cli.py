@@ -12,7 +12,7 @@ from typing import Any
 
 from d2l_store import RecordNotFound, StoreError
 
-from d2l_memory.cli_memory import add_memory_commands
+from d2l_memory.cli_memory import add_memory_commands, load_engine
 from d2l_memory.errors import D2LMemoryError
 
 logger = logging.getLogger(__name__)
@@ -135,8 +135,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="only these modes (default: all; none, in_context, rag, adapter, adapter_recall, hybrid, "
                         "wrong_adapter, distill)")
     p.add_argument("--reuse-baselines", metavar="EVAL_JSON",
-                   help="copy the none / in_context / rag / distill rows from an earlier eval.json of the same settings "
-                        "and base model instead of recomputing them (they do not depend on the hypernetwork)")
+                   help="copy the none / in_context / rag / distill rows from an earlier eval.json of the same "
+                        "settings and base model instead of recomputing them (they do not depend on the hypernetwork)")
     p.add_argument("--benchmarks", action="store_true", help="write the results into BENCHMARKS.md")
     p.set_defaults(handler=_run_eval)
 
@@ -146,7 +146,6 @@ def _run_eval(args: argparse.Namespace) -> int:
     import json
     import shlex
 
-    from d2l_memory.engine import MemoryEngine
     from d2l_memory.evaluation.distill import DistillConfig
     from d2l_memory.evaluation.harness import MODES, EvalConfig, run_eval
     from d2l_memory.evaluation.report import markdown, plot
@@ -169,8 +168,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.no_distill:
         cfg = dataclasses.replace(cfg, modes=tuple(m for m in cfg.modes if m != "distill"))
     reuse = _read_eval(args.reuse_baselines) if args.reuse_baselines else None  # fail before the model loads
-    engine = MemoryEngine.from_pretrained(**({"base_model": args.base_model} if args.base_model else {}), hypernet=args.hypernet)
-    result = run_eval(engine, cfg, reuse=reuse)
+    result = run_eval(load_engine(args), cfg, reuse=reuse)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1, default=str))

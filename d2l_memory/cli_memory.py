@@ -40,7 +40,8 @@ def _common(p: argparse.ArgumentParser, *, scope: bool = True, model: bool = Tru
     p.add_argument("--store", help="SQLAlchemy index URL (default: $D2L_MEMORY_STORE or SQLite in the d2l-memory home)")
     p.add_argument("--blobs", help="blob folder or fsspec URL (default: $D2L_MEMORY_BLOBS or the d2l-memory home)")
     if model:
-        p.add_argument("--base-model", default=None, help="base model name, folder or hub id (default: the built-in one)")
+        p.add_argument("--base-model", default=None,
+                       help="base model name, folder or hub id (default: the built-in one)")
         p.add_argument("--hypernet", default=None, help="hypernetwork checkpoint folder (default: the shipped one)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -48,7 +49,7 @@ def _common(p: argparse.ArgumentParser, *, scope: bool = True, model: bool = Tru
 def add_memory_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("add", help="internalize documents into stored memories; prints their ids")
     p.add_argument("files", nargs="+", help="text or Markdown files")
-    p.add_argument("--kind", default="document", choices=[k.value for k in MemoryKind if k.value in ("document", "tool_doc")])
+    p.add_argument("--kind", default="document", choices=[MemoryKind.DOCUMENT.value, MemoryKind.TOOL_DOC.value])
     p.add_argument("--tag", action="append", default=[], help="tag to attach (repeatable)")
     _common(p)
     p.set_defaults(handler=run_add)
@@ -106,12 +107,18 @@ def add_memory_commands(sub: argparse._SubParsersAction) -> None:
 # ---- helpers -----------------------------------------------------------------------------------
 
 
-def _provider(args: argparse.Namespace, **config: Any):  # noqa: ANN202 - MemoryProvider, imported lazily
+def load_engine(args: argparse.Namespace):  # noqa: ANN201 - MemoryEngine, imported lazily (torch)
+    """The engine of ``--base-model`` (default: the built-in one) and ``--hypernet``."""
     from d2l_memory.engine import MemoryEngine
+
+    chosen_base = {"base_model": args.base_model} if args.base_model else {}
+    return MemoryEngine.from_pretrained(**chosen_base, hypernet=args.hypernet)
+
+
+def _provider(args: argparse.Namespace, **config: Any):  # noqa: ANN202 - MemoryProvider, imported lazily
     from d2l_memory.provider import MemoryProvider, ProviderConfig
 
-    engine = MemoryEngine.from_pretrained(**({"base_model": args.base_model} if args.base_model else {}), hypernet=args.hypernet)
-    return MemoryProvider(engine, open_store(args.store, args.blobs), ProviderConfig(**config))
+    return MemoryProvider(load_engine(args), open_store(args.store, args.blobs), ProviderConfig(**config))
 
 
 def _record_json(rec: AdapterRecord, with_text: bool = False) -> dict[str, Any]:
@@ -144,7 +151,12 @@ def run_add(args: argparse.Namespace) -> int:
     for path in tqdm(args.files, desc="adding", unit="file", disable=len(args.files) < 2 or args.json):
         result = provider.add_file(path, args.scope, kind=MemoryKind(args.kind), tags=args.tag)
         results.append({"file": path, "status": result.status, **_record_json(result.record)})
-    _emit(args, results, lambda: [print(f"{r['id']}  {r['status']:<10} {r['chunks']:3d} chunks  {r['file']}") for r in results])
+
+    def human() -> None:
+        for r in results:
+            print(f"{r['id']}  {r['status']:<10} {r['chunks']:3d} chunks  {r['file']}")
+
+    _emit(args, results, human)
     return 0
 
 
@@ -195,7 +207,8 @@ def run_chat(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        done = provider.append_messages(args.scope, [{"role": "user", "content": line}, {"role": "assistant", "content": reply.strip()}])
+        turn = [{"role": "user", "content": line}, {"role": "assistant", "content": reply.strip()}]
+        done = provider.append_messages(args.scope, turn)
         if done is not None:
             print(f"[memory] compacted {done.messages} messages into {done.new_chunks} new chunk(s); "
                   f"session memory {done.record.id} now has {done.record.n_chunks}", file=sys.stderr)
@@ -208,7 +221,8 @@ def run_list(args: argparse.Namespace) -> int:
 
     def human() -> None:
         for r in rows:
-            print(f"{r['id']}  {r['kind']:<17} {r['chunks']:4d} chunks  v{r['version']}  {r['scope'] or '-':<24} {r['name'] or ''}")
+            print(f"{r['id']}  {r['kind']:<17} {r['chunks']:4d} chunks  v{r['version']}  "
+                  f"{r['scope'] or '-':<24} {r['name'] or ''}")
 
     _emit(args, rows, human)
     return 0
@@ -244,8 +258,9 @@ def run_drop_chunks(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    scope = args.scope if args.scope != Scope() else None
     out = open_store(args.store, args.blobs).export_peft(
-        args.id, args.out_dir, pad_rank_to_vllm=args.pad_rank_to_vllm, scope=args.scope if args.scope != Scope() else None
+        args.id, args.out_dir, pad_rank_to_vllm=args.pad_rank_to_vllm, scope=scope
     )
     _emit(args, {"id": args.id, "path": str(out)}, lambda: print(out))
     return 0
@@ -256,5 +271,6 @@ def run_expire(args: argparse.Namespace) -> int:
     removed = store.expire()
     report = store.gc_blobs()
     payload = {"expired": removed, "blobs_deleted": report.blobs_deleted, "bytes_freed": report.bytes_freed}
-    _emit(args, payload, lambda: print(f"expired {removed} memories; removed {report.blobs_deleted} blobs ({report.bytes_freed} bytes)"))
+    summary = f"expired {removed} memories; removed {report.blobs_deleted} blobs ({report.bytes_freed} bytes)"
+    _emit(args, payload, lambda: print(summary))
     return 0

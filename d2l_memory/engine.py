@@ -147,7 +147,8 @@ class MemoryEngine:
             if encoder_autocast == "as-trained":
                 autocast = meta.trained_encoder_autocast
                 if autocast is not None and not computes_natively(autocast, device):
-                    logger.info("%s has no native %s arithmetic: encoder pass in full precision instead", device, autocast)
+                    logger.info("%s has no native %s arithmetic: encoder pass in full precision instead",
+                                device, autocast)
                     autocast = None
             logger.info("Loaded hypernetwork %s from %s (encoder pass in %s)", meta.hypernet_id, path,
                         autocast or "full precision")
@@ -207,7 +208,8 @@ class MemoryEngine:
         progress: bool | None = None,
     ) -> MemoryAdapter:
         """Lower-level write: already-wrapped token chunks (the provider appends chunks with this)."""
-        batches = [range(i, min(i + self.chunk_batch_size, len(chunks))) for i in range(0, len(chunks), self.chunk_batch_size)]
+        size = self.chunk_batch_size
+        batches = [range(i, min(i + size, len(chunks))) for i in range(0, len(chunks), size)]
         show = progress if progress is not None else len(batches) > 2
         parts = []
         with self._lock, torch.inference_mode():
@@ -257,7 +259,8 @@ class MemoryEngine:
     ) -> Completion:
         """Like ``generate``, with token counts."""
         cfg = self._generation(generation, max_new_tokens)
-        return self.complete_batch([question], memories=[memory], contexts=[context], histories=[history], generation=cfg)[0]
+        return self.complete_batch([question], memories=[memory], contexts=[context], histories=[history],
+                                   generation=cfg)[0]
 
     def generate_batch(
         self,
@@ -269,7 +272,8 @@ class MemoryEngine:
         generation: GenerationConfig | None = None,
     ) -> list[str]:
         """One batched decode; row i uses memories[i] (its own adapter), contexts[i] and histories[i]."""
-        done = self.complete_batch(questions, memories=memories, contexts=contexts, histories=histories, generation=generation)
+        done = self.complete_batch(questions, memories=memories, contexts=contexts, histories=histories,
+                                   generation=generation)
         return [c.text for c in done]
 
     def complete_batch(
@@ -291,9 +295,10 @@ class MemoryEngine:
         for memory in memories:
             if memory is not None:
                 self.check_compatible(memory)
-        prompts = [self._prompt(q, c, h) for q, c, h in zip(questions, contexts, histories, strict=True)]
+        rows = list(zip(questions, contexts, histories, strict=True))
+        prompts = [self._prompt(q, c, h) for q, c, h in rows]
         adapters = None if all(m is None for m in memories) else memories
-        reuse = min(self._reusable_prefix(p, q, c, h) for p, q, c, h in zip(prompts, questions, contexts, histories, strict=True))
+        reuse = min(self._reusable_prefix(p, q, c, h) for p, (q, c, h) in zip(prompts, rows, strict=True))
         with self._lock:
             answers, counts = generate_batch(self.model, self.tokenizer, prompts, cfg, adapters,
                                              prefix_cache=self.prefix_cache, prefix_length=reuse)
@@ -319,7 +324,9 @@ class MemoryEngine:
             yield from stream_tokens(self.model, self.tokenizer, prompt, cfg, memory,
                                      prefix_cache=self.prefix_cache, prefix_length=reuse)
 
-    def _reusable_prefix(self, prompt: list[int], question: str, context: str | None, history: Sequence[Message]) -> int:
+    def _reusable_prefix(
+        self, prompt: list[int], question: str, context: str | None, history: Sequence[Message]
+    ) -> int:
         """How many leading tokens of ``prompt`` do not depend on the question: everything up to where
         a prompt for a different question diverges (system prompt, history, a document in the prompt).
         0 when that part is too short to be worth caching or reuse is off."""

@@ -6,7 +6,13 @@ from collections.abc import Iterator, Sequence
 from threading import Event, Thread
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 from d2l_memory.config import GenerationConfig
 from d2l_memory.errors import DocumentTooLargeError
@@ -74,7 +80,9 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
-def pad_after_prefix(prompts: Sequence[Sequence[int]], prefix_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_after_prefix(
+    prompts: Sequence[Sequence[int]], prefix_length: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows laid out as [shared-length prefix][padding][rest]: the prefix columns line up with a stacked
     prefix KV cache, and masked padding in the middle leaves every token's position id unchanged."""
     rests = [p[prefix_length:] for p in prompts]

@@ -112,7 +112,8 @@ class MessageLog:
         now = _now()
         stale = now - CLAIM_TIMEOUT
         with self._write() as s, s.begin():
-            claimable = (MessageRow.state == VERBATIM) | ((MessageRow.state == COMPACTING) & (MessageRow.claimed_at < stale))
+            abandoned = (MessageRow.state == COMPACTING) & (MessageRow.claimed_at < stale)
+            claimable = (MessageRow.state == VERBATIM) | abandoned
             done = s.execute(
                 update(MessageRow)
                 .where(*self._where(scope), MessageRow.id.in_(list(ids)), claimable)

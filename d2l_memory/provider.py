@@ -256,7 +256,8 @@ class MemoryProvider:
             self.messages.release(claim)
             raise
         self.messages.commit(claim)
-        logger.info("compacted %d messages of %s into %d new chunks (record %s)", len(claim.messages), scope, new_chunks, record.id)
+        logger.info("compacted %d messages of %s into %d new chunks (record %s)",
+                    len(claim.messages), scope, new_chunks, record.id)
         return Compaction(record, len(claim.messages), new_chunks)
 
     def _compact_messages(self, scope: Scope, messages: Sequence[LoggedMessage]) -> tuple[AdapterRecord, int]:
@@ -302,7 +303,8 @@ class MemoryProvider:
         records, skipped = self._visible_records(scope, memory_ids)
         candidates = [self._candidate(r, scope) for r in records]
         if memory_ids is not None:
-            selections = [Selection(c.record_id, tuple(range(len(c.chunk_texts))), 0.0, "requested explicitly") for c in candidates]
+            selections = [Selection(c.record_id, tuple(range(len(c.chunk_texts))), 0.0, "requested explicitly")
+                          for c in candidates]
         else:
             selections = select_memories(query, candidates, top_k=top_k or self.config.top_k,
                                          rank_budget=rank_budget or self.config.rank_budget)
@@ -349,7 +351,8 @@ class MemoryProvider:
     def chat(self, scope: Scope, message: str, **kwargs: Any) -> Answer:
         """One chat turn: answer from memory + verbatim window, then log both messages (may compact)."""
         result = self.answer(message, scope, **kwargs)
-        self.append_messages(scope, [{"role": "user", "content": message}, {"role": "assistant", "content": result.text}])
+        turn = [{"role": "user", "content": message}, {"role": "assistant", "content": result.text}]
+        self.append_messages(scope, turn)
         return result
 
     def _prepare(
@@ -378,7 +381,9 @@ class MemoryProvider:
         """Source text of each chunk of a memory, in rank order ("" for each when no text was kept)."""
         return self._candidate(record, record.scope).chunk_texts
 
-    def _visible_records(self, scope: Scope, memory_ids: Sequence[str] | None) -> tuple[list[AdapterRecord], list[tuple[str, str]]]:
+    def _visible_records(
+        self, scope: Scope, memory_ids: Sequence[str] | None
+    ) -> tuple[list[AdapterRecord], list[tuple[str, str]]]:
         if memory_ids is not None:
             records = [self.store.get_record(i, scope=Scope(tenant=scope.tenant)) for i in memory_ids]
             visible = {s for s in ancestors(scope)}
@@ -416,13 +421,15 @@ class MemoryProvider:
         spans = record.metadata.get("chunk_chars") or [[0, 0]] * record.n_chunks
         texts = tuple(text[s:e] for s, e in spans)
         history = record.kind in HISTORY_KINDS and record.scope == scope
-        return Candidate(record.id, record.kind.value, record.metadata.get("name"), texts, record.rank_per_chunk, history)
+        return Candidate(record.id, record.kind.value, record.metadata.get("name"), texts, record.rank_per_chunk,
+                         history)
 
     def _load(self, record: AdapterRecord) -> MemoryAdapter:
         cached = self._cache.get(record.id)
         if cached is not None:
             return cached
-        _, tensors = self.store.get(record.id, expect_base_model=self.engine.base_model_id, expect_hypernet=self.engine.hypernet_id)
+        _, tensors = self.store.get(record.id, expect_base_model=self.engine.base_model_id,
+                                    expect_hypernet=self.engine.hypernet_id)
         memory = MemoryAdapter.from_tensors(
             tensors, rank_per_chunk=record.rank_per_chunk, chunk_spans=record.chunk_spans,
             base_model=record.base_model, hypernet=record.hypernet,

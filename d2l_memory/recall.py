@@ -118,7 +118,8 @@ def select_memories(query: str, candidates: Sequence[Candidate], *, top_k: int, 
         return chosen
     budget += rank_budget - history_budget
     if len(others) <= top_k and sum(c.rank for c in others) <= budget:
-        chosen += [Selection(c.record_id, tuple(range(len(c.chunk_texts))), 0.0, "all memories in scope fit the rank budget") for c in others]
+        everything = "all memories in scope fit the rank budget"
+        chosen += [Selection(c.record_id, tuple(range(len(c.chunk_texts))), 0.0, everything) for c in others]
         return chosen
 
     scores = bm25_scores(query, [" ".join(c.chunk_texts) for c in others])
@@ -128,17 +129,21 @@ def select_memories(query: str, candidates: Sequence[Candidate], *, top_k: int, 
         if budget < cand.rank_per_chunk:
             break
         if cand.rank <= budget:
-            chosen.append(Selection(cand.record_id, tuple(range(len(cand.chunk_texts))), scores[i], f"BM25 rank {place} of {len(others)}"))
+            why = f"BM25 rank {place} of {len(others)}"
+            chosen.append(Selection(cand.record_id, tuple(range(len(cand.chunk_texts))), scores[i], why))
             budget -= cand.rank
             continue
         n = budget // cand.rank_per_chunk
-        chosen.append(Selection(cand.record_id, _best_chunks(query, cand.chunk_texts, n, later_wins_ties=False), scores[i],
-                                f"BM25 rank {place} of {len(others)}; best {n} of {len(cand.chunk_texts)} chunks within the rank budget"))
+        why = f"BM25 rank {place} of {len(others)}; best {n} of {len(cand.chunk_texts)} chunks within the rank budget"
+        best = _best_chunks(query, cand.chunk_texts, n, later_wins_ties=False)
+        chosen.append(Selection(cand.record_id, best, scores[i], why))
         budget -= n * cand.rank_per_chunk
     return chosen
 
 
-def best_snippets(query: str, candidates: Sequence[Candidate], selections: Sequence[Selection], n: int) -> list[Snippet]:
+def best_snippets(
+    query: str, candidates: Sequence[Candidate], selections: Sequence[Selection], n: int
+) -> list[Snippet]:
     """The ``n`` chunk texts of the selected memories most relevant to the query (for hybrid prompts)."""
     if n <= 0:
         return []

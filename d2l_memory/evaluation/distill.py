@@ -40,11 +40,14 @@ def document_probes(document: str, max_probes: int) -> list[tuple[str, str]]:
     for sentence in sentences[:max_probes]:
         words = sentence.split()
         cut = max(2, len(words) // 2)
-        probes.append((f"Continue this sentence from the document: {' '.join(words[:cut])}", " " + " ".join(words[cut:])))
+        prompt = f"Continue this sentence from the document: {' '.join(words[:cut])}"
+        probes.append((prompt, " " + " ".join(words[cut:])))
     return probes
 
 
-def _rows(engine: MemoryEngine, probes: list[tuple[str, str]], document: str | None) -> list[tuple[list[int], list[int]]]:
+def _rows(
+    engine: MemoryEngine, probes: list[tuple[str, str]], document: str | None
+) -> list[tuple[list[int], list[int]]]:
     tok = engine.tokenizer
     return [(prompt_ids(tok, p, document), tok.encode(c, add_special_tokens=False)) for p, c in probes]
 
@@ -66,7 +69,9 @@ def _target_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
     return torch.cat([logits[r, list(span)] for r, span in enumerate(spans)]).float()
 
 
-def context_distill(engine: MemoryEngine, document: str, cfg: DistillConfig = DistillConfig(), seed: int = 0) -> MemoryAdapter:
+def context_distill(
+    engine: MemoryEngine, document: str, cfg: DistillConfig = DistillConfig(), seed: int = 0
+) -> MemoryAdapter:
     model, tok = engine.model, engine.tokenizer
     probes = document_probes(document, cfg.max_probes)
     if not probes:

@@ -147,7 +147,8 @@ def rag_context(engine: MemoryEngine, text: str, question: str, cfg: EvalConfig)
     # The RAG baseline keeps rank_bm25's Okapi scores (not recall's bm25_scores) so that its rows stay
     # comparable with, and reusable from, evaluations run before recall changed its scoring.
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
-    chunks = [engine.tokenizer.decode(ids[s : s + cfg.rag_chunk_tokens]) for s in range(0, len(ids), cfg.rag_chunk_tokens)]
+    size = cfg.rag_chunk_tokens
+    chunks = [engine.tokenizer.decode(ids[s : s + size]) for s in range(0, len(ids), size)]
     scores = BM25Okapi([words(c) or ["\u2205"] for c in chunks]).get_scores(words(question))
     best = sorted(sorted(range(len(chunks)), key=lambda i: -scores[i])[: cfg.rag_top_k])  # document order
     return "\n...\n".join(chunks[i].strip() for i in best)
@@ -166,7 +167,9 @@ def _wrong_partner(docs: Sequence[Doc], index: int) -> int:
     return same[(same.index(index) + 1) % len(same)]
 
 
-def _inputs(engine: MemoryEngine, docs: list[Doc], row: Row, mode: str, cfg: EvalConfig) -> tuple[MemoryAdapter | None, str | None] | None:
+def _inputs(
+    engine: MemoryEngine, docs: list[Doc], row: Row, mode: str, cfg: EvalConfig
+) -> tuple[MemoryAdapter | None, str | None] | None:
     """(adapter, context) for one row in one mode, or None when the mode does not apply."""
     doc = docs[row.doc]
     if mode == "none":

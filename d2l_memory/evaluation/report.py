@@ -31,15 +31,17 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "## Hypernetwork evaluation (held-out documents)",
         "",
         f"Command: `{command}`  ",
-        f"Hypernetwork `{result['hypernet']}` (trained: {result['hypernet_trained']}), base model `{result['base_model']}`; "
+        f"Hypernetwork `{result['hypernet']}` (trained: {result['hypernet_trained']}), "
+        f"base model `{result['base_model']}`; "
         f"{result['n_docs']} documents, {result['n_questions']} questions, {result['total_seconds'] / 60:.1f} min. "
         "Greedy answers scored by normalised contains-match (exact match and token F1 in the JSON).",
         "",
     ]
     if result.get("reused"):
         lines += [
-            f"Rows {', '.join(result['reused']['modes'])} are reused from an earlier run on the same documents, questions "
-            f"and settings (hypernetwork `{result['reused']['hypernet']}`): they do not depend on the hypernetwork; "
+            f"Rows {', '.join(result['reused']['modes'])} are reused from an earlier run on the same documents, "
+            f"questions and settings (hypernetwork `{result['reused']['hypernet']}`): they do not depend on the "
+            "hypernetwork; "
             "the minutes above are this run's alone.",
             "",
         ]
@@ -53,7 +55,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
         lines.append(
             f"| {mode} | {_pct(_get(s, mode, 'short_docs', 'all'))} | {_pct(_get(s, mode, 'by_domain', 'facts'))} "
             f"| {_pct(_get(s, mode, 'facts_by_value', 'closed-set values'))} "
-            f"| {_pct(_get(s, mode, 'facts_by_value', 'unseen values'))} | {_pct(_get(s, mode, 'by_domain', 'conversation'))} "
+            f"| {_pct(_get(s, mode, 'facts_by_value', 'unseen values'))} "
+            f"| {_pct(_get(s, mode, 'by_domain', 'conversation'))} "
             f"| {_pct(_get(s, mode, 'by_domain', 'tool'))} |"
         )
     lengths = sorted({k for m in NEEDLE_MODES for k in s.get(m, {}).get("needle_by_length", {})}, key=int)
@@ -63,15 +66,17 @@ def markdown(result: dict[str, Any], command: str) -> str:
                   "| mode | " + " | ".join(lengths) + " |", "|---|" + "---|" * len(lengths)]
         for mode in NEEDLE_MODES:
             if mode in s:
-                lines.append(f"| {mode} | " + " | ".join(_pct(_get(s, mode, "needle_by_length", n)) for n in lengths) + " |")
+                cells = [_pct(_get(s, mode, "needle_by_length", n)) for n in lengths]
+                lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     if "distill" in s:
         sub = {m: _get(s, m, "distill_subset", "subset") for m in ("none", "in_context", "adapter", "distill")}
-        lines += ["", f"Context-distillation subset ({s['distill']['distill_subset'].get('subset', {}).get('n', 0)} questions): "
+        n_subset = s["distill"]["distill_subset"].get("subset", {}).get("n", 0)
+        lines += ["", f"Context-distillation subset ({n_subset} questions): "
                   + ", ".join(f"{m} {_pct(v)}" for m, v in sub.items())]
     if "adapter_recall" in s:
-        lines += ["", f"adapter_recall: the {result['config'].get('recall_chunks')} chunk adapters recall picks for the "
-                  "question (BM25 on chunk text), only on documents cut into more chunks than that; n/a elsewhere, "
-                  "where it would be the adapter row."]
+        lines += ["", f"adapter_recall: the {result['config'].get('recall_chunks')} chunk adapters recall picks "
+                  "for the question (BM25 on chunk text), only on documents cut into more chunks than that; "
+                  "n/a elsewhere, where it would be the adapter row."]
     lines += ["", *verdict(s)]
     return "\n".join(lines)
 
@@ -79,13 +84,15 @@ def markdown(result: dict[str, Any], command: str) -> str:
 def verdict(s: dict[str, Any]) -> list[str]:
     # The floor is stated on held-out fact documents; conversations and tools are reported above.
     adapter, icl = _get(s, "adapter", "by_domain", "facts"), _get(s, "in_context", "by_domain", "facts")
-    unseen_a, unseen_i = _get(s, "adapter", "facts_by_value", "unseen values"), _get(s, "in_context", "facts_by_value", "unseen values")
+    unseen_a = _get(s, "adapter", "facts_by_value", "unseen values")
+    unseen_i = _get(s, "in_context", "facts_by_value", "unseen values")
     none, wrong = _get(s, "none", "by_domain", "facts"), _get(s, "wrong_adapter", "by_domain", "facts")
     window = 8192
     beyond = [k for k in s.get("adapter", {}).get("needle_by_length", {}) if int(k) > window]
     needle_n = [_get(s, "none", "needle_by_length", k) or 0.0 for k in beyond]
     checks = [
-        ("adapter ≥ 75% of in-context (fact documents)", _ratio(adapter, icl), adapter is not None and icl and adapter / icl >= 0.75),
+        ("adapter ≥ 75% of in-context (fact documents)", _ratio(adapter, icl),
+         adapter is not None and icl and adapter / icl >= 0.75),
         ("adapter ≥ 60% of in-context on unseen fact values", _ratio(unseen_a, unseen_i),
          unseen_a is not None and unseen_i and unseen_a / unseen_i >= 0.60),
         ("adapter beats no context by ≥ 40 points", f"{100 * ((adapter or 0) - (none or 0)):+.1f} pts",

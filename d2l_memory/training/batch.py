@@ -117,7 +117,9 @@ def with_distractors(doc_chunks: list[list[int]], rng: random.Random, prob: floa
     return out
 
 
-def answer_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def answer_rows(
+    rows: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (ids, mask, labels) of prompt + answer rows; labels only on answer tokens."""
     longest = max(len(p) + len(a) for p, a in rows)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)

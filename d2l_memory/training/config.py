@@ -107,7 +107,9 @@ class TrainConfig:
         if not 0.0 <= self.distractor_prob <= 1.0:
             raise ValueError(f"distractor_prob {self.distractor_prob} must lie in 0..1")
         if self.eval_docs < 2:
-            raise ValueError(f"eval_docs {self.eval_docs} must be at least 2: each held-out document is another's control")
+            raise ValueError(
+                f"eval_docs {self.eval_docs} must be at least 2: each held-out document is another's control"
+            )
 
     def encoder_dtype(self) -> torch.dtype | None:
         """``encoder_autocast`` as a torch dtype; a typed error names the bad value."""

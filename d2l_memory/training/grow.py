@@ -29,7 +29,9 @@ def grown_hypernet(trained: HyperLoRA, config: HypernetConfig, seed: int) -> Hyp
         )
     for name in GROWABLE_FIELDS:
         if getattr(before, name) not in (0, getattr(config, name)):
-            raise ValueError(f"{name} can only grow from 0 (saved {getattr(before, name)}, configured {getattr(config, name)})")
+            raise ValueError(
+                f"{name} can only grow from 0 (saved {getattr(before, name)}, configured {getattr(config, name)})"
+            )
     device = next(trained.parameters()).device
     # The new down-projections are random: seed them, without touching the caller's RNG state.
     with torch.random.fork_rng(devices=[]):

@@ -35,13 +35,15 @@ def plot_training_log(run_dir: str | Path, out: str | Path | None = None, window
               label=f"train CE (moving avg {window})")
     left.set(xlabel="step", ylabel="cross-entropy on answer tokens", title="Training loss")
     left.legend(fontsize=8)
-    right.plot(steps, moving_average([r["token_acc"] for r in records], window), label="train token acc", color="tab:gray")
+    right.plot(steps, moving_average([r["token_acc"] for r in records], window), label="train token acc",
+               color="tab:gray")
     held = [r for r in records if "held_out" in r]
     if held:
         hs = [r["step"] for r in held]
-        right.plot(hs, [r["held_out"]["own_token_acc"] for r in held], marker="o", label="held-out token acc, own adapter")
-        right.plot(hs, [r["held_out"]["own_exact"] for r in held], marker="s", label="held-out exact, own adapter")
-        right.plot(hs, [r["held_out"]["wrong_exact"] for r in held], marker="x", label="held-out exact, wrong doc's adapter")
+        for key, marker, label in (("own_token_acc", "o", "held-out token acc, own adapter"),
+                                   ("own_exact", "s", "held-out exact, own adapter"),
+                                   ("wrong_exact", "x", "held-out exact, wrong doc's adapter")):
+            right.plot(hs, [r["held_out"][key] for r in held], marker=marker, label=label)
     right.set(xlabel="step", ylabel="accuracy (teacher-forced)", ylim=(0, 1), title="Accuracy")
     right.legend(fontsize=8)
     return save_figure(fig, Path(out) if out else run_dir / "training.png")

@@ -31,10 +31,13 @@ def _distractors(config: dict[str, Any]) -> str:
     prob = config.get("distractor_prob", 0.0)
     if not prob:
         return ""
-    return f" (with probability {prob:g} the memory also holds chunks of 1 to all of the step's other documents, as distractors)"
+    return (f" (with probability {prob:g} the memory also holds chunks of 1 to all of the step's other documents, "
+            "as distractors)")
 
 
-def training_markdown(run_dir: str | Path, checkpoint_dir: str | Path, command: str, plot_path: str | None = None) -> str:
+def training_markdown(
+    run_dir: str | Path, checkpoint_dir: str | Path, command: str, plot_path: str | None = None
+) -> str:
     run_dir = Path(run_dir)
     records = read_log(run_dir / "log.jsonl")
     config = json.loads((run_dir / "train_config.json").read_text())
@@ -53,19 +56,22 @@ def training_markdown(run_dir: str | Path, checkpoint_dir: str | Path, command: 
         f"lr {config['lr']} ({_schedule(config)}), "
         f"rank {config['rank']} per chunk on {', '.join(config['targets'])} of every layer, "
         f"{chunks} chunks per document{_distractors(config)}, "
-        f"loss = {config.get('ce_weight', 1.0)}·CE(gold) + {config.get('kl_weight', 0.0)}·KL(teacher top-{config.get('teacher_top_k', 16)}) "
+        f"loss = {config.get('ce_weight', 1.0)}·CE(gold) + {config.get('kl_weight', 0.0)}"
+        f"·KL(teacher top-{config.get('teacher_top_k', 16)}) "
         f"+ {config['l1_weight']}·L1; documents by domain {_mix(config)}; "
         f"encoder pass in {config.get('encoder_autocast') or 'float32'}. "
         "These are the settings of the run's latest segment.",
         "",
-        "| steps | train CE (mean of last 25) | train token acc | held-out exact, own adapter | held-out exact, wrong doc's adapter | held-out token acc, own | held-out token acc, wrong |",
+        "| steps | train CE (mean of last 25) | train token acc | held-out exact, own adapter "
+        "| held-out exact, wrong doc's adapter | held-out token acc, own | held-out token acc, wrong |",
         "|---|---|---|---|---|---|---|",
     ]
     for record in [r for r in records if "held_out" in r]:
         held = record["held_out"]
         step = record["step"]
         lines.append(
-            f"| {step} | {_window_mean(records, 'loss', step, 25):.3f} | {_window_mean(records, 'token_acc', step, 25):.3f} "
+            f"| {step} | {_window_mean(records, 'loss', step, 25):.3f} "
+            f"| {_window_mean(records, 'token_acc', step, 25):.3f} "
             f"| {100 * held['own_exact']:.1f}% | {100 * held['wrong_exact']:.1f}% | {100 * held['own_token_acc']:.1f}% "
             f"| {100 * held['wrong_token_acc']:.1f}% |"
         )

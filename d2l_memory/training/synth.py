@@ -232,7 +232,9 @@ def haystack_corpus() -> str:
     return " ".join(rng.choice(words) for _ in range(200_000))
 
 
-def needle_document(rng: random.Random, split: Split, n_chars: int | None = None, depth: float | None = None) -> tuple[str, list[QA]]:
+def needle_document(
+    rng: random.Random, split: Split, n_chars: int | None = None, depth: float | None = None
+) -> tuple[str, list[QA]]:
     """A magic-number sentence planted at a depth (0 = start, 1 = end) in ``n_chars`` of essay text."""
     corpus = haystack_corpus()
     n_chars = n_chars or rng.choice([400, 800, 1600, 2400])

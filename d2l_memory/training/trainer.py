@@ -155,7 +155,8 @@ class Trainer:
     # ---- data ----------------------------------------------------------------------------------
 
     def samples(self, split: str, start: int, count: int) -> list[Sample]:
-        return [mixed_sample(self.cfg.seed, split, start + i, self.cfg.domain_weights) for i in range(count)]  # type: ignore[arg-type]
+        weights = self.cfg.domain_weights
+        return [mixed_sample(self.cfg.seed, split, start + i, weights) for i in range(count)]  # type: ignore[arg-type]
 
     def microbatch(self, step: int, micro: int) -> MicroBatch:
         """This process's ``micro``-th micro-batch of ``step``. Processes take consecutive micro-batches
@@ -234,7 +235,8 @@ class Trainer:
             hyper_out = run_hypernet(self.base.model, self.hypernet, batch.chunks, encoder_autocast)
             own_batch, wrong_batch = held_out_pair(batch, combined)
             own = student_forward(self.base.model, self.hypernet, self.layers_prefix, own_batch, hyper_out=hyper_out)
-            wrong = student_forward(self.base.model, self.hypernet, self.layers_prefix, wrong_batch, hyper_out=hyper_out)
+            wrong = student_forward(self.base.model, self.hypernet, self.layers_prefix, wrong_batch,
+                                    hyper_out=hyper_out)
             lengths = (batch.labels != -100).sum(1).tolist()
             own_hits, wrong_hits = own.token_hits.split(lengths), wrong.token_hits.split(lengths)
             rows += [

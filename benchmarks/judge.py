@@ -25,6 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "d2l_memory.cli"]
 
 
+def _from_repo(path: Path) -> Path:
+    """``path`` as the steps (run from the repository root) see it: relative inside the repository, so
+    that the results name the run as ``runs/...``, not by this machine's absolute path."""
+    resolved = path.resolve()
+    return resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else resolved
+
+
 def eval_settings(previous: dict) -> list[str]:
     """The ``d2l-memory eval`` flags that reproduce the previous run's documents and questions."""
     config = previous["config"]
@@ -60,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4], help="compaction rank budgets")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
-    run_dir, out = args.run_dir.resolve(), args.out.resolve()  # the steps run from the repository root
+    run_dir, out = _from_repo(args.run_dir), _from_repo(args.out)  # the steps run from the repository root
     if not (args.run_dir / "state").is_dir():
         parser.error(f"{args.run_dir} has no state/ folder")
     if not args.previous.is_file():

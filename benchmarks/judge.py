@@ -89,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{label}] status {status} after {time.monotonic() - start:.0f} s, log {log_path}", flush=True)
         if status != 0:
             return status
+    if not args.dry_run:
+        # The paired comparison is what the shipping decision starts from: show it without a file to open.
+        print((out / "compare.log").read_text(), flush=True)
     return 0
 
 

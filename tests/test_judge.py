@@ -50,3 +50,40 @@ def test_dry_run_prints_every_step_and_writes_nothing(tmp_path: Path, capsys: py
 def test_a_run_without_state_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         judge.main([str(tmp_path), "--name", "row", "--out", str(tmp_path / "o"), "--dry-run"])
+
+
+class _FakeRun:
+    """Stands in for subprocess.run: records each step and writes its output into the step's log."""
+
+    def __init__(self, failing: str | None = None) -> None:
+        self.failing = failing
+        self.seen: list[str] = []
+
+    def __call__(self, command: list[str], cwd: Path, stdout, stderr) -> object:  # noqa: ANN001 - a log file
+        step = command[3] if command[1:3] == ["-m", "d2l_memory.cli"] else Path(command[1]).stem
+        self.seen.append(step)
+        stdout.write(f"output of {step}\n")
+        return type("Done", (), {"returncode": 3 if step == self.failing else 0})()
+
+
+def test_steps_run_in_order_with_a_log_each_and_the_comparison_is_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _state_run(tmp_path)
+    fake = _FakeRun()
+    monkeypatch.setattr(judge.subprocess, "run", fake)
+    out = tmp_path / "judged"
+    assert judge.main([str(run), "--name", "row", "--out", str(out), "--previous", str(tmp_path / "eval.json")]) == 0
+    assert fake.seen == ["export-checkpoint", "eval", "eval-compare", "ablate", "compaction"]
+    assert (out / "eval.log").read_text() == "output of eval\n"
+    assert json.loads((out / "previous-eval.json").read_text()) == PREVIOUS
+    assert "output of eval-compare" in capsys.readouterr().out
+
+
+def test_a_failing_step_stops_the_judgement_with_its_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _state_run(tmp_path)
+    fake = _FakeRun(failing="eval")
+    monkeypatch.setattr(judge.subprocess, "run", fake)
+    status = judge.main([str(run), "--name", "row", "--out", str(tmp_path / "o"), "--previous", str(tmp_path / "eval.json")])
+    assert status == 3
+    assert fake.seen == ["export-checkpoint", "eval"]

@@ -21,6 +21,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from d2l_memory.errors import D2LMemoryError
+from d2l_memory.evaluation.rows import read_result
+
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "d2l_memory.cli"]
 
@@ -70,14 +73,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir, out = _from_repo(args.run_dir), _from_repo(args.out)  # the steps run from the repository root
     if not (args.run_dir / "state").is_dir():
         parser.error(f"{args.run_dir} has no state/ folder")
-    if not args.previous.is_file():
-        parser.error(f"no previous evaluation at {args.previous}")
+    try:
+        previous = read_result(args.previous)
+    except D2LMemoryError as exc:
+        parser.error(str(exc))
+    if not isinstance(previous.get("config"), dict):
+        parser.error(f"{args.previous}: records no evaluation settings to repeat")
     # The committed eval.json is overwritten when a checkpoint ships; judge against a copy of it.
     previous_eval = out / "previous-eval.json"
     if not args.dry_run:
         out.mkdir(parents=True, exist_ok=True)
-        previous_eval.write_bytes(args.previous.read_bytes())
-    previous = json.loads(args.previous.read_text())
+        previous_eval.write_text(json.dumps(previous, indent=1))
     for label, command in plan(run_dir, previous, previous_eval, args.name, out, args.conversations, args.chunks):
         print(f"[{label}] {shlex.join(command)}", flush=True)
         if args.dry_run:

@@ -8,7 +8,6 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from d2l_store import RecordNotFound, StoreError
 
@@ -148,6 +147,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     from d2l_memory.evaluation.distill import DistillConfig
     from d2l_memory.evaluation.harness import MODES, EvalConfig, run_eval
+    from d2l_memory.evaluation.rows import read_result
     from d2l_memory.evaluation.report import markdown, plot
     from d2l_memory.reporting import replace_section
 
@@ -167,7 +167,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, modes=tuple(m for m in MODES if m in args.modes))
     if args.no_distill:
         cfg = dataclasses.replace(cfg, modes=tuple(m for m in cfg.modes if m != "distill"))
-    reuse = _read_eval(args.reuse_baselines) if args.reuse_baselines else None  # fail before the model loads
+    reuse = read_result(args.reuse_baselines) if args.reuse_baselines else None  # fail before the model loads
     result = run_eval(load_engine(args), cfg, reuse=reuse)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,25 +193,14 @@ def _add_eval_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_eval_compare)
 
 
-def _read_eval(path: str) -> dict[str, Any]:
-    import json
-
-    try:
-        result = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise D2LMemoryError(f"{path}: not a readable eval.json ({exc})") from exc
-    if not isinstance(result, dict) or not isinstance(result.get("rows"), list):
-        raise D2LMemoryError(f"{path}: not an eval.json (no rows)")
-    return result
-
-
 def _run_eval_compare(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
     from d2l_memory.evaluation.compare import compare, markdown
+    from d2l_memory.evaluation.rows import read_result
 
-    before, after = _read_eval(args.before), _read_eval(args.after)
+    before, after = read_result(args.before), read_result(args.after)
     deltas = compare(before, after, metric=args.metric)
     if args.json:
         print(json.dumps([dataclasses.asdict(d) | {"points": d.points} for d in deltas], indent=1))

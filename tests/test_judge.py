@@ -12,7 +12,7 @@ from bench_modules import load_benchmark
 judge = load_benchmark("judge")
 
 PREVIOUS = {"config": {"docs": {"facts": 3, "conversation": 1, "tool": 2}, "needle_tokens": [512, 9000],
-                       "distill_docs": 1, "recall_chunks": 3}}
+                       "distill_docs": 1, "recall_chunks": 3}, "rows": []}
 
 
 def _state_run(tmp_path: Path) -> Path:
@@ -50,6 +50,17 @@ def test_dry_run_prints_every_step_and_writes_nothing(tmp_path: Path, capsys: py
 def test_a_run_without_state_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         judge.main([str(tmp_path), "--name", "row", "--out", str(tmp_path / "o"), "--dry-run"])
+
+
+def test_a_previous_file_that_is_not_an_evaluation_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _state_run(tmp_path)
+    junk = tmp_path / "junk.json"
+    junk.write_text("{}")
+    with pytest.raises(SystemExit):
+        judge.main([str(run), "--name", "row", "--out", str(tmp_path / "o"), "--previous", str(junk), "--dry-run"])
+    assert "not an eval.json" in capsys.readouterr().err
 
 
 class _FakeRun:

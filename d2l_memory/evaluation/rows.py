@@ -1,9 +1,13 @@
-"""What an evaluation row is keyed and grouped by, shared by the harness, its reuse check and
-``eval-compare`` (which pairs two saved results without any model code)."""
+"""Saved evaluation results: how one is read and what its rows are keyed and grouped by, shared by the
+harness, its reuse check, ``eval-compare`` and ``benchmarks/judge.py`` (none of which needs model code)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+from d2l_memory.errors import D2LMemoryError
 
 Row = dict[str, Any]
 RowKey = tuple[str, str, int]
@@ -14,6 +18,17 @@ HYPERNET_FREE_MODES = ("none", "in_context", "rag", "distill")
 LoRA trained by gradient descent): an evaluation of another checkpoint on the same documents may
 reuse them instead of spending most of its time recomputing them."""
 HYPERNET_MODES = tuple(m for m in MODES if m not in HYPERNET_FREE_MODES)
+
+
+def read_result(path: str | Path) -> dict[str, Any]:
+    """A saved ``eval.json``; a typed error names the file when it is missing, unreadable or not one."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise D2LMemoryError(f"{path}: not a readable eval.json ({exc})") from exc
+    if not isinstance(result, dict) or not isinstance(result.get("rows"), list):
+        raise D2LMemoryError(f"{path}: not an eval.json (no rows)")
+    return result
 
 
 def row_key(row: Row) -> RowKey:
@@ -27,4 +42,5 @@ def is_short_doc(row: Row) -> bool:
 
 
 def value_set(row: Row) -> str:
+    """Which of the two answer-value groups a fact row belongs to (reported separately)."""
     return "unseen values" if row["open_value"] else "closed-set values"

@@ -161,9 +161,9 @@ def main() -> None:
     for (question, _), mine, ref in zip(QUESTIONS, answers, report.reference, strict=True):
         print(f"  Q: {question}\n     memory:  {_short(mine, 80)}\n     history: {_short(ref, 80)}")
     if not report.hypernet_trained:
-        print("\nNOTE: no trained hypernetwork for this base model, so the adapters are zero: facts that were compacted out "
-              "of the prompt are not recalled, and the 'memory' answers above come from the base model and the "
-              "recent window alone. The token savings are real; the recall is not.")
+        print("\nNOTE: no trained hypernetwork for this base model, so the adapters are zero: facts that were "
+              "compacted out of the prompt are not recalled, and the 'memory' answers above come from the base "
+              "model and the recent window alone. The token savings are real; the recall is not.")
 
 
 if __name__ == "__main__":

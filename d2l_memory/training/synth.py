@@ -132,13 +132,19 @@ _CHAT_FACTS: tuple[tuple[str, str, str, str, bool], ...] = (
     ("I grew up in {v}, a small town.", "Where did I grow up?", "city", "city", True),
     # A first name alone is not split-checked (only full names are), so it may occur in training.
     ("My sister's name is {v}.", "What is my sister's name?", "person", "person", False),
-    ("Our wedding anniversary is in {v}, believe it or not.", "In what year is my wedding anniversary?", "year", "year", True),
+    (
+        "Our wedding anniversary is in {v}, believe it or not.", "In what year is my wedding anniversary?",
+        "year", "year", True,
+    ),
     ("The code for my gym locker is {v}.", "What is my gym locker code?", "number", "number", True),
     ("I'm flying to {v} next month for work.", "Which city am I flying to next month?", "city", "city", True),
     ("I work at {v} now.", "Where do I work now?", "company", "company", True),
     ("I really love {v}, it's my comfort food.", "What is my comfort food?", "food", "food", False),
     ("I'm a {v} by profession.", "What is my profession?", "job", "job", False),
-    ("I've been learning the {v} for a year.", "Which instrument have I been learning?", "instrument", "instrument", False),
+    (
+        "I've been learning the {v} for a year.", "Which instrument have I been learning?",
+        "instrument", "instrument", False,
+    ),
     ("My weekly team meeting is on {v}.", "On which day is my weekly team meeting?", "weekday", "weekday", False),
 )
 _ACKS = ("Got it, thanks for telling me.", "Noted!", "That's good to know.", "Thanks, I'll remember that.",

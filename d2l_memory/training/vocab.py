@@ -19,6 +19,8 @@ _VOWELS = ["a", "e", "i", "o", "u", "ae", "ai", "ei", "ou", "y"]
 _CODAS = ["", "", "n", "r", "l", "s", "th", "x", "m", "nd", "rk", "st"]
 _CITY_SUFFIXES = ["holt", "burg", "ford", "mere", "wick", "stad", "port", "dale", "haven", "ton"]
 _STREET_KINDS = ["Lane", "Road", "Street", "Avenue", "Way"]
+_COMPANY_SUFFIXES = [" Labs", " Works", " Systems", " & Co", " Group"]
+_ERROR_SUFFIXES = ["Error", "Exception", "Fault", "Timeout"]
 
 CLOSED_SETS: dict[str, tuple[str, ...]] = {
     "colour": ("red", "blue", "green", "yellow", "purple", "orange", "teal", "black", "white", "grey", "pink", "brown"),
@@ -51,7 +53,12 @@ def in_split(make, rng: random.Random, split: Split, tries: int = 200) -> str:  
 
 
 def person_name(rng: random.Random, split: Split) -> str:
-    return in_split(lambda r: f"{_word(r, r.randint(1, 2)).capitalize()} {_word(r, r.randint(2, 3)).capitalize()}", rng, split)
+    def draw(r: random.Random) -> str:
+        first = _word(r, r.randint(1, 2)).capitalize()
+        last = _word(r, r.randint(2, 3)).capitalize()
+        return f"{first} {last}"
+
+    return in_split(draw, rng, split)
 
 
 def pet_name(rng: random.Random, split: Split) -> str:
@@ -67,7 +74,7 @@ def street(rng: random.Random, split: Split) -> str:
 
 
 def company(rng: random.Random, split: Split) -> str:
-    return in_split(lambda r: _word(r, 2).capitalize() + r.choice([" Labs", " Works", " Systems", " & Co", " Group"]), rng, split)
+    return in_split(lambda r: _word(r, 2).capitalize() + r.choice(_COMPANY_SUFFIXES), rng, split)
 
 
 def number4(rng: random.Random, split: Split) -> str:
@@ -84,7 +91,7 @@ def identifier(rng: random.Random, split: Split) -> str:
 
 
 def error_name(rng: random.Random, split: Split) -> str:
-    return in_split(lambda r: _word(r, 2).capitalize() + r.choice(["Error", "Exception", "Fault", "Timeout"]), rng, split)
+    return in_split(lambda r: _word(r, 2).capitalize() + r.choice(_ERROR_SUFFIXES), rng, split)
 
 
 def closed(rng: random.Random, kind: str) -> str:

@@ -39,7 +39,9 @@ def _relpath(digest: str) -> str:
 def _verify(digest: str, data: bytes, where: str) -> bytes:
     actual = digest_of(data)
     if actual != digest:
-        raise BlobIntegrityError(f"blob {digest} at {where} hashes to {actual} ({len(data)} bytes): tampered or truncated")
+        raise BlobIntegrityError(
+            f"blob {digest} at {where} hashes to {actual} ({len(data)} bytes): tampered or truncated"
+        )
     return data
 
 

@@ -29,7 +29,9 @@ class GcReport:
     temp_files_removed: int
 
 
-def collect_garbage(read: sessionmaker[Session], write: sessionmaker[Session], blobs: BlobStore, grace_s: float) -> GcReport:
+def collect_garbage(
+    read: sessionmaker[Session], write: sessionmaker[Session], blobs: BlobStore, grace_s: float
+) -> GcReport:
     """Remove unreferenced blobs leased more than `grace_s` seconds ago, and older temp files.
     `write` must make write transactions (see `d2l_store.db.WRITE_OPTION`)."""
     temp = blobs.clean_temp(grace_s)

@@ -150,7 +150,8 @@ def _check_config(config: Any) -> None:
             raise InvalidAdapterError(f"PEFT adapters with a non-empty {pattern} are not supported")
     if config.get("modules_to_save"):
         raise InvalidAdapterError("PEFT adapters with modules_to_save are not supported")
-    if not isinstance(config.get("r"), int) or config["r"] < 1 or not isinstance(config.get("lora_alpha"), (int, float)):
+    rank_ok = isinstance(config.get("r"), int) and config["r"] >= 1
+    if not rank_ok or not isinstance(config.get("lora_alpha"), (int, float)):
         raise InvalidAdapterError("adapter_config.json needs a positive int r and a numeric lora_alpha")
 
 

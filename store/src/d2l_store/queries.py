@@ -20,7 +20,12 @@ from d2l_store.spec import RecordSpec
 def scope_filter(scope: Scope, *, exact: bool = False) -> list[ColumnElement[bool]]:
     """Tenant always matches exactly; user/agent/session match when non-empty (or always if exact)."""
     conds = [AdapterRow.tenant == scope.tenant]
-    for col, value in ((AdapterRow.user_id, scope.user), (AdapterRow.agent_id, scope.agent), (AdapterRow.session_id, scope.session)):
+    optional = (
+        (AdapterRow.user_id, scope.user),
+        (AdapterRow.agent_id, scope.agent),
+        (AdapterRow.session_id, scope.session),
+    )
+    for col, value in optional:
         if exact or value:
             conds.append(col == value)
     return conds

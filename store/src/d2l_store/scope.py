@@ -73,7 +73,9 @@ def _check(kind: str, value: object, pattern: re.Pattern[str], max_len: int) -> 
     if not pattern.fullmatch(value):
         raise InvalidIdentifierError(f"{kind} {value[:80]!r} has characters outside {pattern.pattern}")
     if not value.isascii() and not unicodedata.is_normalized("NFC", value):
-        raise InvalidIdentifierError(f"{kind} {value[:80]!r} is not NFC-normalised; pass unicodedata.normalize('NFC', ...)")
+        raise InvalidIdentifierError(
+            f"{kind} {value[:80]!r} is not NFC-normalised; pass unicodedata.normalize('NFC', ...)"
+        )
     return value
 
 

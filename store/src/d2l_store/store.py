@@ -146,7 +146,8 @@ class AdapterStore:
 
     def _put_spec(self, tensors: Tensors, spec: RecordSpec, supersedes: str | None) -> AdapterRecord:
         layout = check_adapter(tensors, spec.rank_per_chunk, spec.n_chunks)
-        data = blobformat.encode(tensors, _blob_header(spec.base_model, spec.hypernet, spec.rank_per_chunk, spec.chunk_spans))
+        header = _blob_header(spec.base_model, spec.hypernet, spec.rank_per_chunk, spec.chunk_spans)
+        data = blobformat.encode(tensors, header)
         digest = digest_of(data)
         for attempt in range(1, PUT_ATTEMPTS + 1):
             with self._write() as s, s.begin():
@@ -219,7 +220,9 @@ class AdapterStore:
             drop.add(i)
         keep = [i for i in range(rec.n_chunks) if i not in drop]
         if not keep:
-            raise InvalidAdapterError(f"dropping all {rec.n_chunks} chunks would leave an empty adapter; delete it instead")
+            raise InvalidAdapterError(
+                f"dropping all {rec.n_chunks} chunks would leave an empty adapter; delete it instead"
+            )
         spec = _respec(rec, chunk_spans=tuple(rec.chunk_spans[i] for i in keep), source_text=None, source_hash=None)
         return self._put_spec(keep_chunks(old, keep, rec.rank_per_chunk), spec, supersedes=rec.id)
 
@@ -248,9 +251,13 @@ class AdapterStore:
         compatibility asked for is checked before any tensor is loaded (IncompatibleAdapterError)."""
         rec = self.get_record(id, scope=scope)
         if expect_base_model is not None and rec.base_model != expect_base_model:
-            raise IncompatibleAdapterError(f"record {id} was made for base model {rec.base_model!r}, not {expect_base_model!r}")
+            raise IncompatibleAdapterError(
+                f"record {id} was made for base model {rec.base_model!r}, not {expect_base_model!r}"
+            )
         if expect_hypernet is not None and rec.hypernet != expect_hypernet:
-            raise IncompatibleAdapterError(f"record {id} was made by hypernetwork {rec.hypernet!r}, not {expect_hypernet!r}")
+            raise IncompatibleAdapterError(
+                f"record {id} was made by hypernetwork {rec.hypernet!r}, not {expect_hypernet!r}"
+            )
         tensors, header = blobformat.decode(self.blobs.read(rec.blob_digest))
         expected = _blob_header(rec.base_model, rec.hypernet, rec.rank_per_chunk, rec.chunk_spans)
         if any(header.get(k) != v for k, v in expected.items()):
@@ -298,7 +305,9 @@ class AdapterStore:
             rows = s.scalars(q).all()
             return [queries.to_record(r, tuple(t.tag for t in r.tags), with_text=include_source_text) for r in rows]
 
-    def find_by_source_hash(self, scope: Scope, source_hash: str, base_model: str, hypernet: str) -> AdapterRecord | None:
+    def find_by_source_hash(
+        self, scope: Scope, source_hash: str, base_model: str, hypernet: str
+    ) -> AdapterRecord | None:
         """The newest visible record made from this source, in exactly this scope, by this
         base model and hypernetwork: an identical source need not be turned into an adapter twice."""
         q = (
@@ -342,7 +351,8 @@ class AdapterStore:
         """Delete records whose expiry has passed (at `now`, default the current time)."""
         now = now or _now()
         with self._write() as s, s.begin():
-            n = int(s.execute(delete(AdapterRow).where(AdapterRow.expires_at <= now)).rowcount)  # type: ignore[attr-defined]
+            result = s.execute(delete(AdapterRow).where(AdapterRow.expires_at <= now))
+            n = int(result.rowcount)  # type: ignore[attr-defined]
         if n:
             log.info("expired %d records", n)
         return n
@@ -452,7 +462,9 @@ def _raise_missing_predecessor(s: Session, id: str, tenant: str) -> NoReturn:
     raise RecordNotFound(f"cannot supersede {id}: no such record in tenant {tenant!r}")
 
 
-def _blob_header(base_model: str, hypernet: str, rank_per_chunk: int, chunk_spans: Sequence[Sequence[int]]) -> dict[str, str]:
+def _blob_header(
+    base_model: str, hypernet: str, rank_per_chunk: int, chunk_spans: Sequence[Sequence[int]]
+) -> dict[str, str]:
     """The str -> str safetensors metadata that makes a blob self-describing."""
     return {
         "format": "pt",

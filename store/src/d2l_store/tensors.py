@@ -116,7 +116,9 @@ def concat_chunks(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tenso
         dim = 0 if k.endswith(A_SUFFIX) else 1
         other = 1 - dim
         if t_new.shape[other] != t_old.shape[other]:
-            raise InvalidAdapterError(f"{k}: appended shape {tuple(t_new.shape)} does not fit stored {tuple(t_old.shape)}")
+            raise InvalidAdapterError(
+                f"{k}: appended shape {tuple(t_new.shape)} does not fit stored {tuple(t_old.shape)}"
+            )
         out[k] = torch.cat([t_old, t_new.to("cpu")], dim=dim)
     return out
 

@@ -94,7 +94,8 @@ class ProviderRef:
             if self.engine is None:
                 self.provider = shared_provider(self.base_model, self.hypernet, self.index_url, self.blob_root)
             else:
-                self.provider = MemoryProvider(self.engine, open_store(self.index_url, self.blob_root), ProviderConfig())
+                store = open_store(self.index_url, self.blob_root)
+                self.provider = MemoryProvider(self.engine, store, ProviderConfig())
         return self.provider
 
 

@@ -65,8 +65,12 @@ class D2LLLM(CustomLLM):
     scope: Scope | None = Field(
         default=None, description="Memories visible in this scope are recalled for every call (None: no memories).")
     memory_ids: tuple[str, ...] | None = Field(
-        default=None, description="Apply exactly these memories on every call instead of recalling (needs their scope).")
-    max_new_tokens: int = Field(default=256, gt=0, description="Most tokens generated per call (reported as num_output).")
+        default=None,
+        description="Apply exactly these memories on every call instead of recalling (needs their scope).",
+    )
+    max_new_tokens: int = Field(
+        default=256, gt=0, description="Most tokens generated per call (reported as num_output)."
+    )
     temperature: float = Field(default=0.0, ge=0.0, description="0 decodes greedily.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (used when temperature > 0).")
     stop: tuple[str, ...] = Field(default=(), description="Strings that end an answer early (not included in it).")
@@ -162,7 +166,9 @@ class D2LLLM(CustomLLM):
         info["completion_tokens"] = done.completion_tokens
         return done.text, info
 
-    def _stream(self, messages: Sequence[ChatMessage], options: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    def _stream(
+        self, messages: Sequence[ChatMessage], options: dict[str, Any]
+    ) -> Iterator[tuple[str, str, dict[str, Any]]]:
         """Yield (text so far, delta, info) as the answer is decoded."""
         question, history = self._turns(messages)
         recall = self.recall(question, **options)

@@ -96,7 +96,9 @@ class D2LMemoryBlock(BaseMemoryBlock[str]):
         self.provider.append_messages(self.scope, turns)  # may already compact the overflow of its window
         done = self.provider.compact(self.scope, keep=0)  # Memory flushed these: none stay verbatim
         if done is not None:
-            logger.info("internalized %d flushed messages of %s into memory %s", done.messages, self.scope, done.record.id)
+            logger.info(
+                "internalized %d flushed messages of %s into memory %s", done.messages, self.scope, done.record.id
+            )
 
     async def _aget(self, messages: list[ChatMessage] | None = None, **block_kwargs: Any) -> str:
         query = _last_user_text(messages or [])

@@ -100,7 +100,9 @@ class D2LQueryEngine(BaseQueryEngine):
         return engine
 
     @classmethod
-    def from_nodes(cls, nodes: Iterable[BaseNode], scope: Scope | dict[str, str] | str, **kwargs: Any) -> D2LQueryEngine:
+    def from_nodes(
+        cls, nodes: Iterable[BaseNode], scope: Scope | dict[str, str] | str, **kwargs: Any
+    ) -> D2LQueryEngine:
         """Internalize parsed nodes: the nodes of one source document become one memory (see ``insert_nodes``)."""
         engine = cls(scope, **kwargs)
         engine.insert_nodes(nodes)
@@ -170,7 +172,9 @@ class D2LQueryEngine(BaseQueryEngine):
             return await asyncio.to_thread(self._query, query_bundle)
         query = query_bundle.query_str
         recall, pieces = await asyncio.to_thread(self.provider.stream, query, self.scope, **self._options())
-        return AsyncStreamingResponse(iterate_in_thread(lambda: pieces), self._source_nodes(recall), self._metadata(recall))
+        return AsyncStreamingResponse(
+            iterate_in_thread(lambda: pieces), self._source_nodes(recall), self._metadata(recall)
+        )
 
     def _options(self) -> dict[str, Any]:
         return {"hybrid": self.hybrid, "with_history": False, "memory_ids": self.memory_ids,

@@ -34,7 +34,7 @@ from d2l_store import AdapterStore
 from d2l_memory import MemoryEngine, MemoryProvider, ProviderConfig, Scope
 from d2l_memory.evaluation.metrics import contains_match
 from d2l_memory.generation import context_window
-from d2l_memory.reporting import replace_section
+from d2l_memory.reporting import command_line, replace_section
 from d2l_memory.training.synth import long_conversation
 
 logger = logging.getLogger("benchmarks.compaction")
@@ -50,7 +50,8 @@ def run(engine: MemoryEngine, conversations: int, chunk_budgets: list[int]) -> d
     with tempfile.TemporaryDirectory() as tmp:
         store = AdapterStore.open(f"sqlite:///{tmp}/index.db", Path(tmp) / "blobs")
         provider = MemoryProvider(engine, store, dataclasses.replace(CONFIG, rank_budget=EVERY_CHUNK))
-        budgeted = {k: MemoryProvider(engine, store, dataclasses.replace(CONFIG, rank_budget=k * engine.hypernet.cfg.rank))
+        rank = engine.hypernet.cfg.rank
+        budgeted = {k: MemoryProvider(engine, store, dataclasses.replace(CONFIG, rank_budget=k * rank))
                     for k in chunk_budgets}
         for c in range(conversations):
             scope = Scope(tenant="bench", user=f"user{c}", session="chat")
@@ -65,32 +66,35 @@ def run(engine: MemoryEngine, conversations: int, chunk_budgets: list[int]) -> d
                     "window": engine.generate(qa.question, history=window, max_new_tokens=MAX_NEW_TOKENS),
                     "memory, all chunks": provider.answer(qa.question, scope, max_new_tokens=MAX_NEW_TOKENS).text,
                 }
-                if engine.count_prompt_tokens(qa.question, history=messages) + MAX_NEW_TOKENS <= context_window(engine.model):
-                    answers["transcript"] = engine.generate(qa.question, history=messages, max_new_tokens=MAX_NEW_TOKENS)
+                transcript_tokens = engine.count_prompt_tokens(qa.question, history=messages)
+                if transcript_tokens + MAX_NEW_TOKENS <= context_window(engine.model):
+                    answers["transcript"] = engine.generate(qa.question, history=messages,
+                                                            max_new_tokens=MAX_NEW_TOKENS)
                 picked = {}
                 for k, budget_provider in budgeted.items():
                     result = budget_provider.answer(qa.question, scope, max_new_tokens=MAX_NEW_TOKENS)
                     answers[f"memory, {k} chunks"] = result.text
                     chosen = [j for s in result.recall.selections for j in s.chunks]
                     picked[f"memory, {k} chunks"] = any(qa.answer in chunk_texts[j] for j in chosen)
+                correct = {m: contains_match(a, qa.answer) for m, a in answers.items()}
                 rows.append({"conversation": c, "question": qa.question, "gold": qa.answer, "chunks": len(chunk_texts),
-                             "answers": answers, "correct": {m: contains_match(a, qa.answer) for m, a in answers.items()},
-                             "fact_chunk_picked": picked})
+                             "answers": answers, "correct": correct, "fact_chunk_picked": picked})
         store.close()
     modes = list(dict.fromkeys(m for r in rows for m in r["answers"]))
     summary = {m: sum(r["correct"][m] for r in rows if m in r["correct"]) / sum(m in r["correct"] for r in rows)
                for m in modes}
-    picked_rate = {m: sum(r["fact_chunk_picked"][m] for r in rows) / len(rows) for m in rows[0]["fact_chunk_picked"]} if rows else {}
+    budget_modes = rows[0]["fact_chunk_picked"] if rows else {}
+    picked_rate = {m: sum(r["fact_chunk_picked"][m] for r in rows) / len(rows) for m in budget_modes}
     return {"hypernet": engine.hypernet_id, "conversations": conversations, "questions": len(rows),
             "chunks_per_conversation": sorted({r["chunks"] for r in rows}), "seconds": time.perf_counter() - started,
             "accuracy": summary, "fact_chunk_picked": picked_rate, "rows": rows}
 
 
-def markdown(result: dict[str, Any], command: str) -> str:
+def markdown(result: dict[str, Any], command: str, provenance: str = "") -> str:
     lines = [
         "## Chat-history compaction (provider, held-out conversations)",
         "",
-        f"Command: `{command}`  ",
+        command_line(command, provenance),
         f"Hypernetwork `{result['hypernet']}`; {result['conversations']} conversations of 40 messages (6 facts in the "
         f"first 12), {result['questions']} questions about those facts; compacted into "
         f"{', '.join(map(str, result['chunks_per_conversation']))} chunk adapters per conversation; "
@@ -126,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(result, command.strip())
     print(text)
     if args.benchmarks:
-        replace_section(Path("BENCHMARKS.md"), "compaction", text + f"\n\nRaw results: `{(args.out / 'compaction.json').as_posix()}`")
+        raw = (args.out / "compaction.json").as_posix()
+        replace_section(Path("BENCHMARKS.md"), "compaction", text + f"\n\nRaw results: `{raw}`")
     return 0
 
 

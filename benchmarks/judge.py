@@ -5,7 +5,9 @@ After a training cycle the same four measurements decide whether its checkpoint 
 hypernetwork-free rows reused), the paired comparison with that run, the recipe-ablation score row and
 the compaction benchmark. This runs them one after another (never two CPU jobs at once: on a small
 machine they only slow each other), each logged to its own file in ``--out``, and stops at the first
-failure. Deciding to ship, and writing BENCHMARKS.md, stays a person's job.
+failure. ``--out``/judge.json records each step's command, status and time. Deciding to ship stays a
+person's job; once the checkpoint has shipped, ``benchmarks/publish.py`` renders BENCHMARKS.md's result
+sections from this run's output.
 
     python benchmarks/judge.py runs/smollm2-135m-nokeys --name nokeys-...-step4500 --out /tmp/judge-4500
 """
@@ -26,6 +28,7 @@ from d2l_memory.evaluation.rows import read_result
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "d2l_memory.cli"]
+RECORD = "judge.json"
 
 
 def _from_repo(path: Path) -> Path:
@@ -52,11 +55,19 @@ def plan(run_dir: Path, previous: dict, previous_eval: Path, name: str, out: Pat
         ("eval", [*CLI, "eval", "--hypernet", str(hypernet), *eval_settings(previous),
                   "--reuse-baselines", str(previous_eval), "--out", str(out / "eval")]),
         ("compare", [*CLI, "eval-compare", str(previous_eval), str(out / "eval" / "eval.json")]),
-        ("ablation-row", [sys.executable, str(REPO / "benchmarks" / "ablate.py"), str(REPO / "configs" / "ablations.json"),
+        # Scripts are named relative to the repository, where every step runs.
+        ("ablation-row", [sys.executable, "benchmarks/ablate.py", "configs/ablations.json",
                           "--score-run", str(run_dir), "--name", name]),
-        ("compaction", [sys.executable, str(REPO / "benchmarks" / "compaction.py"), "--conversations", str(conversations),
+        ("compaction", [sys.executable, "benchmarks/compaction.py", "--conversations", str(conversations),
                         "--chunks", *map(str, chunks), "--hypernet", str(hypernet), "--out", str(out / "compaction")]),
     ]
+
+
+def shown(command: Sequence[str]) -> str:
+    """A step's command as a person would type it: ``d2l-memory ...`` or ``python benchmarks/...``."""
+    if list(command[1:3]) == ["-m", "d2l_memory.cli"]:
+        return "d2l-memory " + shlex.join(command[3:])
+    return "python " + shlex.join(command[1:])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,23 +92,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{args.previous}: records no evaluation settings to repeat")
     # The committed eval.json is overwritten when a checkpoint ships; judge against a copy of it.
     previous_eval = out / "previous-eval.json"
+    record: dict = {"command": "python benchmarks/judge.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+                    "steps": []}
+    folder = REPO / out  # where this process writes: `out` as the steps see it, from the repository root
     if not args.dry_run:
-        out.mkdir(parents=True, exist_ok=True)
-        previous_eval.write_text(json.dumps(previous, indent=1))
+        folder.mkdir(parents=True, exist_ok=True)
+        (REPO / previous_eval).write_text(json.dumps(previous, indent=1))
     for label, command in plan(run_dir, previous, previous_eval, args.name, out, args.conversations, args.chunks):
         print(f"[{label}] {shlex.join(command)}", flush=True)
         if args.dry_run:
             continue
         start = time.monotonic()
-        log_path = out / f"{label}.log"
+        log_path = folder / f"{label}.log"
         with open(log_path, "w") as log:
             status = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
-        print(f"[{label}] status {status} after {time.monotonic() - start:.0f} s, log {log_path}", flush=True)
+        seconds = time.monotonic() - start
+        record["steps"].append({"label": label, "command": shown(command), "status": status, "seconds": seconds})
+        (folder / RECORD).write_text(json.dumps(record, indent=1))
+        print(f"[{label}] status {status} after {seconds:.0f} s, log {log_path}", flush=True)
         if status != 0:
             return status
     if not args.dry_run:
         # The paired comparison is what the shipping decision starts from: show it without a file to open.
-        print((out / "compare.log").read_text(), flush=True)
+        print((folder / "compare.log").read_text(), flush=True)
     return 0
 
 

@@ -8,6 +8,12 @@ from typing import Any
 HEADER = "# Benchmarks\n\nEvery number here was measured on this repository's code with the command shown next to it.\n"
 
 
+def command_line(command: str, provenance: str = "") -> str:
+    """A results section's "Command:" line; ``provenance`` (markdown, after the command) says where the run came
+    from, e.g. which judged run a section was rendered from. Ends in a markdown line break."""
+    return f"Command: `{command}`" + (f" {provenance}" if provenance else "") + "  "
+
+
 def replace_section(path: Path, name: str, content: str) -> None:
     """Replace the text between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` (appending it if new)."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"

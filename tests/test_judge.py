@@ -87,6 +87,12 @@ def test_steps_run_in_order_with_a_log_each_and_the_comparison_is_shown(
     assert judge.main([str(run), "--name", "row", "--out", str(out), "--previous", str(tmp_path / "eval.json")]) == 0
     assert fake.seen == ["export-checkpoint", "eval", "eval-compare", "ablate", "compaction"]
     assert (out / "eval.log").read_text() == "output of eval\n"
+    record = json.loads((out / "judge.json").read_text())  # what benchmarks/publish.py renders from
+    assert record["command"].startswith("python benchmarks/judge.py ") and str(out) in record["command"]
+    shown = {step["label"]: step["command"] for step in record["steps"]}
+    assert shown["export"] == f"d2l-memory export-checkpoint {run} {out / 'hypernet'}"
+    assert shown["ablation-row"].startswith("python benchmarks/ablate.py configs/ablations.json --score-run ")
+    assert [step["status"] for step in record["steps"]] == [0] * 5
     assert json.loads((out / "previous-eval.json").read_text()) == PREVIOUS
     assert "output of eval-compare" in capsys.readouterr().out
 
@@ -98,3 +104,5 @@ def test_a_failing_step_stops_the_judgement_with_its_status(tmp_path: Path, monk
     status = judge.main([str(run), "--name", "row", "--out", str(tmp_path / "o"), "--previous", str(tmp_path / "eval.json")])
     assert status == 3
     assert fake.seen == ["export-checkpoint", "eval"]
+    record = json.loads((tmp_path / "o" / "judge.json").read_text())
+    assert [(step["label"], step["status"]) for step in record["steps"]] == [("export", 0), ("eval", 3)]

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from d2l_memory.reporting import save_figure
+from d2l_memory.reporting import command_line, save_figure
 
 SHORT_MODES = ("none", "in_context", "rag", "adapter", "adapter_recall", "hybrid", "wrong_adapter")
 NEEDLE_MODES = ("none", "in_context", "rag", "adapter", "adapter_recall", "hybrid")
@@ -25,12 +25,12 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "n/a" if a is None or b is None or not b else f"{a / b:.2f}"
 
 
-def markdown(result: dict[str, Any], command: str) -> str:
+def markdown(result: dict[str, Any], command: str, provenance: str = "") -> str:
     s = result["summary"]
     lines = [
         "## Hypernetwork evaluation (held-out documents)",
         "",
-        f"Command: `{command}`  ",
+        command_line(command, provenance),
         f"Hypernetwork `{result['hypernet']}` (trained: {result['hypernet_trained']}), "
         f"base model `{result['base_model']}`; "
         f"{result['n_docs']} documents, {result['n_questions']} questions, {result['total_seconds'] / 60:.1f} min. "

@@ -1,0 +1,140 @@
+"""Render BENCHMARKS.md's result sections from a judged run, once its checkpoint has shipped.
+
+``benchmarks/judge.py`` measures a training state; a person decides to ship it and exports it into the
+package (``d2l-memory export-checkpoint RUN d2l_memory/checkpoints/...``). This then writes, from the
+judged run's own output files and nothing else:
+
+- ``benchmarks/results/eval.{json,md,png}`` and the "eval" section,
+- ``benchmarks/results/compaction.json`` and the "compaction" section,
+- the "ablations" section (``ablate.py --report --benchmarks``; the judge already scored the row),
+
+each naming the command that measured it and the judge run it came from. It refuses a run whose steps did
+not all succeed, or whose checkpoint is not, byte for byte, the one in the package: the sections must
+describe the shipped weights. The hand-written notes beside them stay a person's job.
+
+    python benchmarks/publish.py /tmp/judge-4600
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+from d2l_memory.errors import D2LMemoryError
+from d2l_memory.evaluation.report import markdown as eval_markdown
+from d2l_memory.evaluation.report import plot as eval_plot
+from d2l_memory.evaluation.rows import read_result
+from d2l_memory.reporting import replace_section
+
+REPO = Path(__file__).resolve().parents[1]
+
+SHIPPED = Path("d2l_memory/checkpoints/smollm2-135m-instruct")
+JUDGED_STEPS = ("export", "eval", "compare", "ablation-row", "compaction")
+
+
+class NotPublishable(D2LMemoryError):
+    """The judged run cannot describe the shipped checkpoint."""
+
+
+def read_record(judged: Path) -> dict[str, dict]:
+    """The judge's per-step record, by label; every step must have run and succeeded."""
+    path = judged / "judge.json"
+    if not path.is_file():
+        raise NotPublishable(f"{path} is missing: {judged} is not the output folder of benchmarks/judge.py")
+    record = json.loads(path.read_text())
+    steps = {step["label"]: step for step in record["steps"]}
+    missing = [label for label in JUDGED_STEPS if label not in steps]
+    failed = [label for label, step in steps.items() if step["status"] != 0]
+    if missing or failed:
+        raise NotPublishable(f"{judged}: the judge run is incomplete (missing {missing or 'none'}, failed "
+                             f"{failed or 'none'}); run benchmarks/judge.py again")
+    return {"judge": {"command": record["command"]}, **steps}
+
+
+def check_same_files(judged_checkpoint: Path, shipped: Path) -> None:
+    """Refuse unless both folders hold the same file names with the same bytes."""
+    def files(folder: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+    if not judged_checkpoint.is_dir() or not shipped.is_dir():
+        raise NotPublishable(f"both {judged_checkpoint} and {shipped} must be checkpoint folders")
+    if files(judged_checkpoint) != files(shipped):
+        raise NotPublishable(f"{judged_checkpoint} is not byte for byte the shipped checkpoint {shipped}: ship it "
+                             f"first (d2l-memory export-checkpoint RUN {shipped}) or judge the shipped state")
+
+
+def provenance(judge_command: str, judged: Path, written: str) -> str:
+    return (f"(run by `{judge_command}`; `{judged.as_posix()}/hypernet`: the shipped checkpoint, byte for byte; "
+            f"this section and {written} were written from that run's output)")
+
+
+def publish_eval(judged: Path, command: str, judge_command: str, repo: Path) -> None:
+    result = read_result(judged / "eval" / "eval.json")
+    results = repo / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(judged / "eval" / "eval.json", results / "eval.json")
+    eval_plot(result, results / "eval.png")
+    relative = Path("benchmarks/results")
+    text = eval_markdown(result, command, provenance(judge_command, judged, f"`{relative.as_posix()}/`"))
+    text += (f"\n\n![evaluation]({(relative / 'eval.png').as_posix()})\n\n"
+             f"Raw results: `{(relative / 'eval.json').as_posix()}`")
+    (results / "eval.md").write_text(text + "\n")
+    replace_section(repo / "BENCHMARKS.md", "eval", text)
+
+
+def _compaction_script() -> ModuleType:
+    """benchmarks/compaction.py (a script beside this one, not a package) for its table renderer."""
+    spec = importlib.util.spec_from_file_location("compaction", REPO / "benchmarks" / "compaction.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def publish_compaction(judged: Path, command: str, judge_command: str, repo: Path) -> None:
+    source = judged / "compaction" / "compaction.json"
+    result = json.loads(source.read_text())
+    raw = Path("benchmarks/results/compaction.json")
+    shutil.copyfile(source, repo / raw)
+    text = _compaction_script().markdown(result, command, provenance(judge_command, judged, f"`{raw.as_posix()}`"))
+    replace_section(repo / "BENCHMARKS.md", "compaction", text + f"\n\nRaw results: `{raw.as_posix()}`")
+
+
+def publish_ablations(repo: Path) -> int:
+    command = [sys.executable, "benchmarks/ablate.py", "configs/ablations.json", "--report", "--benchmarks"]
+    return subprocess.run(command, cwd=repo, stdout=subprocess.DEVNULL).returncode
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("judged", type=Path, help="the --out folder of a finished benchmarks/judge.py run")
+    parser.add_argument("--shipped", type=Path, default=REPO / SHIPPED, help="the packaged checkpoint folder")
+    parser.add_argument("--repo", type=Path, default=REPO, help=argparse.SUPPRESS)  # tests write elsewhere
+    args = parser.parse_args(argv)
+    try:
+        steps = read_record(args.judged)
+        check_same_files(args.judged / "hypernet", args.shipped)
+        judge_command = steps["judge"]["command"]
+        publish_eval(args.judged, steps["eval"]["command"], judge_command, args.repo)
+        publish_compaction(args.judged, steps["compaction"]["command"], judge_command, args.repo)
+    except D2LMemoryError as exc:
+        parser.error(str(exc))
+    status = publish_ablations(args.repo)
+    if status != 0:
+        print(f"ablate.py --report failed with status {status}; the eval and compaction sections are written",
+              file=sys.stderr)
+        return status
+    print("Wrote the eval, compaction and ablations sections and benchmarks/results/. By hand: the notes sections "
+          "(training, eval, ablation, compaction, perf), README's Status and training-runs/README.md.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""benchmarks/publish.py: BENCHMARKS.md's result sections come only from a complete judge run whose checkpoint
+is byte for byte the shipped one, and name the commands that measured them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from bench_modules import BENCHMARKS, load_benchmark
+
+publish = load_benchmark("publish")
+
+COMMITTED = BENCHMARKS / "results"  # real result files serve as the judged run's output
+EVAL_COMMAND = "d2l-memory eval --hypernet /tmp/j/hypernet --out /tmp/j/eval"
+COMPACTION_COMMAND = "python benchmarks/compaction.py --hypernet /tmp/j/hypernet --out /tmp/j/compaction"
+JUDGE_COMMAND = "python benchmarks/judge.py runs/r --name row --out /tmp/j"
+
+
+def _judged(tmp_path: Path, failing: str | None = None) -> tuple[Path, Path, Path]:
+    """A judged-run folder, a shipped checkpoint equal to its hypernet/, and a repository to write into."""
+    judged = tmp_path / "judged"
+    for sub in ("hypernet", "eval", "compaction"):
+        (judged / sub).mkdir(parents=True)
+    (judged / "hypernet" / "hypernet.json").write_text('{"id": "hn-x"}')
+    (judged / "hypernet" / "hypernet.safetensors").write_bytes(bytes(range(256)))
+    shutil.copyfile(COMMITTED / "eval.json", judged / "eval" / "eval.json")
+    shutil.copyfile(COMMITTED / "compaction.json", judged / "compaction" / "compaction.json")
+    commands = {"eval": EVAL_COMMAND, "compaction": COMPACTION_COMMAND}
+    steps = [{"label": label, "command": commands.get(label, f"d2l-memory {label}"), "seconds": 1.0,
+              "status": 2 if label == failing else 0} for label in publish.JUDGED_STEPS]
+    (judged / "judge.json").write_text(json.dumps({"command": JUDGE_COMMAND, "steps": steps}))
+    shipped = tmp_path / "shipped"
+    shutil.copytree(judged / "hypernet", shipped)
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    (repo / "BENCHMARKS.md").write_text(
+        "# Benchmarks\n\n<!-- BEGIN eval -->\nold eval\n<!-- END eval -->\n\nnotes by hand\n\n"
+        "<!-- BEGIN compaction -->\nold compaction\n<!-- END compaction -->\n")
+    return judged, shipped, repo
+
+
+@pytest.fixture
+def ablations(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Stands in for `ablate.py --report --benchmarks` (it needs the real repository's spec and results)."""
+    calls: list[Path] = []
+    monkeypatch.setattr(publish, "publish_ablations", lambda repo: calls.append(repo) or 0)
+    return calls
+
+
+def _args(judged: Path, shipped: Path, repo: Path) -> list[str]:
+    return [str(judged), "--shipped", str(shipped), "--repo", str(repo)]
+
+
+def test_sections_and_result_files_come_from_the_judged_run(tmp_path: Path, ablations: list[Path]) -> None:
+    judged, shipped, repo = _judged(tmp_path)
+    assert publish.main(_args(judged, shipped, repo)) == 0
+    text = (repo / "BENCHMARKS.md").read_text()
+    assert "old eval" not in text and "old compaction" not in text and "notes by hand" in text
+    assert f"Command: `{EVAL_COMMAND}` (run by `{JUDGE_COMMAND}`; `{judged.as_posix()}/hypernet`: the shipped" in text
+    assert f"Command: `{COMPACTION_COMMAND}` (run by `{JUDGE_COMMAND}`;" in text
+    eval_json = json.loads((COMMITTED / "eval.json").read_text())
+    assert f"Hypernetwork `{eval_json['hypernet']}`" in text
+    results = repo / "benchmarks" / "results"
+    assert (results / "eval.json").read_bytes() == (judged / "eval" / "eval.json").read_bytes()
+    assert (results / "compaction.json").read_bytes() == (judged / "compaction" / "compaction.json").read_bytes()
+    assert (results / "eval.png").stat().st_size > 0
+    assert (results / "eval.md").read_text().startswith("## Hypernetwork evaluation")
+    assert ablations == [repo]
+
+
+def test_a_checkpoint_that_is_not_the_shipped_one_is_refused(
+    tmp_path: Path, ablations: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    judged, shipped, repo = _judged(tmp_path)
+    weights = shipped / "hypernet.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    before = (repo / "BENCHMARKS.md").read_text()
+    with pytest.raises(SystemExit):
+        publish.main(_args(judged, shipped, repo))
+    assert "not byte for byte the shipped checkpoint" in capsys.readouterr().err
+    assert (repo / "BENCHMARKS.md").read_text() == before
+    assert not list((repo / "benchmarks" / "results").iterdir()) and ablations == []
+
+
+def test_an_incomplete_judge_run_is_refused(
+    tmp_path: Path, ablations: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    judged, shipped, repo = _judged(tmp_path, failing="compaction")
+    with pytest.raises(SystemExit):
+        publish.main(_args(judged, shipped, repo))
+    assert "failed ['compaction']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        publish.main(_args(tmp_path / "repo", shipped, repo))  # not a judge output folder at all
+    assert "judge.json is missing" in capsys.readouterr().err

@@ -38,6 +38,11 @@ from d2l_memory.training.synth import haystack_corpus
 logger = logging.getLogger("benchmarks.perf")
 QUESTION = "What is the special magic number mentioned in the text?"
 DECODE_TOKENS = 32
+LENGTH_COLUMNS = (
+    "doc tokens", "chunks / rank", "internalize s, fp32 encoder", "internalize s, bf16 encoder (adapter Δ from fp32)",
+    "in-context prefill s", "context distillation s", "TTFT adapter s", "TTFT in-context s", "decode tok/s adapter",
+    "decode tok/s in-context", "adapter MB fp16", "KV MB fp16 (computed / measured)",
+)
 
 
 def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[Any, float]:
@@ -91,7 +96,9 @@ def decode(engine: MemoryEngine, prompts: list[list[int]], adapters: Any, n_new:
 
 
 @torch.inference_mode()
-def decode_speed(engine: MemoryEngine, prompt: list[int], adapter: Any, forward: Callable[..., Any] | None = None) -> float:
+def decode_speed(
+    engine: MemoryEngine, prompt: list[int], adapter: Any, forward: Callable[..., Any] | None = None
+) -> float:
     """Greedy decode steps per second after one prefill, reusing its KV cache (prefill not counted).
 
     ``forward`` runs the model's steps (default: the model itself; the compile rows pass
@@ -131,7 +138,8 @@ def bench_compile(engine: MemoryEngine) -> dict[str, Any]:
     row: dict[str, Any] = {"first_compiled_call_s": first_s}
     row["adapter_effect_eager"] = float((eager - plain).abs().max())
     row["compiled_vs_eager_with_adapter"] = float((traced - eager).abs().max())
-    row["compiled_applies_adapter"] = row["compiled_vs_eager_with_adapter"] < 1e-3 * max(row["adapter_effect_eager"], 1e-6)
+    tolerance = 1e-3 * max(row["adapter_effect_eager"], 1e-6)
+    row["compiled_applies_adapter"] = row["compiled_vs_eager_with_adapter"] < tolerance
     row["eager_tok_s_base"] = decode_speed(engine, prompt, None)
     decode_speed(engine, prompt, None, compiled)  # the decode-step shapes compile here
     row["compiled_tok_s_base"] = statistics.median(decode_speed(engine, prompt, None, compiled) for _ in range(3))
@@ -146,7 +154,9 @@ def relative_l2(reference: Any, other: Any) -> float:
     return (diff / norm) ** 0.5 if norm else float("nan")
 
 
-def bench_length(engine: MemoryEngine, bf16_engine: MemoryEngine, n_tokens: int, distill_steps: int | None) -> dict[str, Any]:
+def bench_length(
+    engine: MemoryEngine, bf16_engine: MemoryEngine, n_tokens: int, distill_steps: int | None
+) -> dict[str, Any]:
     text = document(engine, n_tokens)
     window = context_window(engine.model)
     in_context = prompt_ids(engine.tokenizer, QUESTION, text)
@@ -231,7 +241,9 @@ def bench_prefix(engine: MemoryEngine, plain: MemoryEngine, prefix_tokens: tuple
     return rows
 
 
-def verdicts(rows: list[dict[str, Any]], serving: dict[str, Any], default_encoder: str) -> list[tuple[str, str, bool | None]]:
+def verdicts(
+    rows: list[dict[str, Any]], serving: dict[str, Any], default_encoder: str
+) -> list[tuple[str, str, bool | None]]:
     by_len = {r["tokens"]: r for r in rows}
     checks: list[tuple[str, str, bool | None]] = []
     for key, encoder in (("internalize_s", "float32"), ("internalize_bf16_s", "bfloat16")):
@@ -267,24 +279,28 @@ def markdown(result: dict[str, Any]) -> str:
         "## Performance: write and read costs",
         "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']}; base model `{result['base_model']}`, chunk size {result['chunk_tokens']} tokens, "
-        f"fp32 weights, greedy decoding of {DECODE_TOKENS} tokens. In-context numbers exist only where the document fits the "
-        f"{result['window']}-token window. Internalizing runs the encoder pass in fp32 and in bf16; the engine's default "
-        f"for this checkpoint is {result.get('default_encoder', 'float32')} (the dtype it was trained with); every "
+        f"Machine: {result['machine']}; base model `{result['base_model']}`, "
+        f"chunk size {result['chunk_tokens']} tokens, fp32 weights, greedy decoding of {DECODE_TOKENS} tokens. "
+        f"In-context numbers exist only where the document fits the {result['window']}-token window. "
+        "Internalizing runs the encoder pass in fp32 and in bf16; the engine's default for this checkpoint is "
+        f"{result.get('default_encoder', 'float32')} (the dtype it was trained with); every "
         "other column uses the fp32 adapters.",
         "",
-        "| doc tokens | chunks / rank | internalize s, fp32 encoder | internalize s, bf16 encoder (adapter Δ from fp32) | in-context prefill s | context distillation s | TTFT adapter s | TTFT in-context s | decode tok/s adapter | decode tok/s in-context | adapter MB fp16 | KV MB fp16 (computed / measured) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(LENGTH_COLUMNS) + " |",
+        "|" + "---|" * len(LENGTH_COLUMNS),
     ]
     for r in rows:
         measured = r.get("kv_bytes_fp16_measured")
-        lines.append(
-            f"| {r['tokens']} | {r['chunks']} / {r['rank']} | {f(r['internalize_s'])} "
-            f"| {f(r.get('internalize_bf16_s'))} ({f(r.get('adapter_bf16_rel_l2'), '{:.1%}')}) | {f(r.get('prefill_in_context_s'))} "
-            f"| {f(r.get('distill_s'))} | {f(r['ttft_adapter_s'], '{:.3f}')} | {f(r.get('ttft_in_context_s'), '{:.3f}')} "
-            f"| {f(r['decode_tok_s_adapter'], '{:.1f}')} | {f(r.get('decode_tok_s_in_context'), '{:.1f}')} "
-            f"| {r['adapter_bytes_fp16'] / 1e6:.2f} | {r['kv_bytes_fp16_computed'] / 1e6:.1f} / {f(measured and measured / 1e6, '{:.1f}')} |"
-        )
+        cells = [
+            str(r["tokens"]), f"{r['chunks']} / {r['rank']}", f(r["internalize_s"]),
+            f"{f(r.get('internalize_bf16_s'))} ({f(r.get('adapter_bf16_rel_l2'), '{:.1%}')})",
+            f(r.get("prefill_in_context_s")), f(r.get("distill_s")),
+            f(r["ttft_adapter_s"], "{:.3f}"), f(r.get("ttft_in_context_s"), "{:.3f}"),
+            f(r["decode_tok_s_adapter"], "{:.1f}"), f(r.get("decode_tok_s_in_context"), "{:.1f}"),
+            f"{r['adapter_bytes_fp16'] / 1e6:.2f}",
+            f"{r['kv_bytes_fp16_computed'] / 1e6:.1f} / {f(measured and measured / 1e6, '{:.1f}')}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Serving (each row of the batch has its own adapter):", "",
               "| batch | base tok/s | per-row adapters tok/s | share |", "|---|---|---|---|"]
     for b in serving["batches"]:
@@ -301,10 +317,10 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("compile"):
         c = result["compile"]
         lines += ["", f"`torch.compile(model)` (`--compile`): base-model decode {c['eager_tok_s_base']:.1f} → "
-                  f"{c['compiled_tok_s_base']:.1f} tok/s ({c['compiled_tok_s_base'] / c['eager_tok_s_base']:.2f}×) after "
-                  f"{c['first_compiled_call_s']:.0f} s of compilation (prefill shapes). With an adapter active the compiled model's "
-                  f"logits differ from eager by {c['compiled_vs_eager_with_adapter']:.3g} (the adapter itself moves them by "
-                  f"{c['adapter_effect_eager']:.3g}): it "
+                  f"{c['compiled_tok_s_base']:.1f} tok/s ({c['compiled_tok_s_base'] / c['eager_tok_s_base']:.2f}×) "
+                  f"after {c['first_compiled_call_s']:.0f} s of compilation (prefill shapes). With an adapter active "
+                  f"the compiled model's logits differ from eager by {c['compiled_vs_eager_with_adapter']:.3g} "
+                  f"(the adapter itself moves them by {c['adapter_effect_eager']:.3g}): it "
                   + ("applies" if c["compiled_applies_adapter"] else "**ignores**") + " the adapter."]
     lines += ["", f"Adapter swap (stack {max(b['batch'] for b in serving['batches'])} adapters + register hooks): "
               f"{1e3 * serving['swap_s_batch_max']:.1f} ms; base weights are never copied or modified.", "",
@@ -325,7 +341,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     xs = [r["tokens"] for r in rows]
     left.plot(xs, [r["internalize_s"] for r in rows], marker="o", label="internalize (D2L)")
     fit = [r for r in rows if "prefill_in_context_s" in r]
-    left.plot([r["tokens"] for r in fit], [r["prefill_in_context_s"] for r in fit], marker="s", label="in-context prefill")
+    left.plot([r["tokens"] for r in fit], [r["prefill_in_context_s"] for r in fit], marker="s",
+              label="in-context prefill")
     cd = [r for r in rows if "distill_s" in r]
     if cd:
         left.plot([r["tokens"] for r in cd], [r["distill_s"] for r in cd], marker="^", label="context distillation")
@@ -380,16 +397,19 @@ def main(argv: list[str] | None = None) -> int:
     compiled = bench_compile(engine) if args.compile else None
     result = {
         "command": "d2l-memory bench " + shlex.join(argv_used),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "base_model": engine.base_model_id, "hypernet": engine.hypernet_id, "chunk_tokens": engine.chunking.chunk_tokens,
-        "window": context_window(engine.model), "lengths": rows, "serving": serving, "prefix": prefix, "compile": compiled,
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+                   f"torch {torch.__version__}",
+        "base_model": engine.base_model_id, "hypernet": engine.hypernet_id,
+        "chunk_tokens": engine.chunking.chunk_tokens, "window": context_window(engine.model),
+        "lengths": rows, "serving": serving, "prefix": prefix, "compile": compiled,
     }  # fmt: skip
     result["default_encoder"] = default_encoder
     result["verdicts"] = verdicts(rows, serving, default_encoder)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "perf.json").write_text(json.dumps(result, indent=1))
-    text = markdown(result) + f"\n\n![performance]({plot(result, out / 'perf.png').as_posix()})\n\nRaw results: `{(out / 'perf.json').as_posix()}`"
+    image = plot(result, out / "perf.png").as_posix()
+    text = markdown(result) + f"\n\n![performance]({image})\n\nRaw results: `{(out / 'perf.json').as_posix()}`"
     (out / "perf.md").write_text(text + "\n")
     print(text)
     if args.benchmarks:

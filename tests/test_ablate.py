@@ -57,7 +57,8 @@ def test_variants_are_scored_on_the_same_questions_and_tabulated(tmp_path: Path)
     # Unseen values by answer position: every token counted once, and a row in the second table.
     positions = results[0]["scores"]["positions"]
     unseen_tokens = sum(p["n"] for p in positions.values())
-    assert positions["end"]["n"] == results[0]["scores"]["facts, unseen values"]["n"] and unseen_tokens > positions["end"]["n"]
+    end_tokens = positions["end"]["n"]
+    assert end_tokens == results[0]["scores"]["facts, unseen values"]["n"] and unseen_tokens > end_tokens
     assert "| plain | " in table.split("by position in the answer")[1]
 
 

@@ -46,7 +46,9 @@ def test_add_list_show_ask_delete(tmp_path: Path, capsys: pytest.CaptureFixture[
     code, out, _ = run(capsys, "show", added["id"], "--json")
     assert "Paris" in json.loads(out)["source_text"]
 
-    code, out, _ = run(capsys, "ask", "Where does Alice live?", "--scope", "acme/alice", "--json", "--max-new-tokens", "3")
+    code, out, _ = run(
+        capsys, "ask", "Where does Alice live?", "--scope", "acme/alice", "--json", "--max-new-tokens", "3"
+    )
     answer = json.loads(out)
     assert code == 0 and answer["recall"]["memories"][0]["id"] == added["id"]
     code, out, err = run(capsys, "ask", "Where?", "--scope", "acme/alice", "--show-recall", "--max-new-tokens", "2")

@@ -66,7 +66,9 @@ def test_generate_three_ways_and_batched_rows_match_single_calls(engine: MemoryE
     memory = engine.internalize(DOC)
     other = engine.internalize("Bob likes teal. Tool docs: call search(query, limit=10).")
     question = "Where does Alice live?"
-    singles = [engine.generate(question, memory=memory), engine.generate(question), engine.generate(question, memory=other)]
+    singles = [
+        engine.generate(question, memory=memory), engine.generate(question), engine.generate(question, memory=other)
+    ]
     assert all(isinstance(s, str) for s in singles)
     assert engine.generate(question, context=DOC) is not None
     batched = engine.generate_batch([question] * 3, memories=[memory, None, other])
@@ -92,7 +94,9 @@ def test_closing_a_stream_early_leaves_no_adapter_behind(engine: MemoryEngine) -
 
 
 def test_messages_are_internalized(engine: MemoryEngine) -> None:
-    memory = engine.internalize([{"role": "user", "content": "My dog is Rex."}, {"role": "assistant", "content": "Noted!"}])
+    memory = engine.internalize(
+        [{"role": "user", "content": "My dog is Rex."}, {"role": "assistant", "content": "Noted!"}]
+    )
     assert memory.n_chunks >= 1
 
 
@@ -137,10 +141,13 @@ def test_from_pretrained_with_a_local_model_and_checkpoint(tmp_path: Path) -> No
     memory = engine.internalize(DOC)
     path = memory.save(tmp_path / "mem.safetensors")
     again = MemoryAdapter.load(path, expect_base_model=engine.base_model_id, expect_hypernet=engine.hypernet_id)
-    assert engine.generate("Where does Alice live?", memory=again) == engine.generate("Where does Alice live?", memory=memory)
+    from_disk = engine.generate("Where does Alice live?", memory=again)
+    assert from_disk == engine.generate("Where does Alice live?", memory=memory)
 
 
-def test_the_encoder_pass_runs_in_the_dtype_the_checkpoint_was_trained_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_encoder_pass_runs_in_the_dtype_the_checkpoint_was_trained_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Pretend this CPU has bf16 arithmetic; the fallback for one without is the next test.
     monkeypatch.setattr("d2l_memory.engine.computes_natively", lambda dtype, device: True)
     model_dir = save_tiny_model(tmp_path / "model")
@@ -151,7 +158,8 @@ def test_the_encoder_pass_runs_in_the_dtype_the_checkpoint_was_trained_with(tmp_
                       training={"train_config": {"encoder_autocast": recorded}})
     assert MemoryEngine.from_pretrained(str(model_dir), tmp_path / "bf16").encoder_autocast == torch.bfloat16
     assert MemoryEngine.from_pretrained(str(model_dir), tmp_path / "fp32").encoder_autocast is None
-    assert MemoryEngine.from_pretrained(str(model_dir), tmp_path / "bf16", encoder_autocast=None).encoder_autocast is None
+    overridden = MemoryEngine.from_pretrained(str(model_dir), tmp_path / "bf16", encoder_autocast=None)
+    assert overridden.encoder_autocast is None
     with pytest.raises(CheckpointError, match="unknown encoder dtype 'int8'"):
         MemoryEngine.from_pretrained(str(model_dir), tmp_path / "bad")
     # A checkpoint without a training record (saved by hand) runs the encoder in full precision.
@@ -159,7 +167,9 @@ def test_the_encoder_pass_runs_in_the_dtype_the_checkpoint_was_trained_with(tmp_
     assert MemoryEngine.from_pretrained(str(model_dir), tmp_path / "plain").encoder_autocast is None
 
 
-def test_a_cpu_without_native_bf16_runs_the_encoder_in_full_precision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cpu_without_native_bf16_runs_the_encoder_in_full_precision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from d2l_memory.dtypes import computes_natively
 
     monkeypatch.setattr("d2l_memory.engine.computes_natively", lambda dtype, device: dtype != torch.bfloat16)
@@ -177,7 +187,9 @@ def test_a_cpu_without_native_bf16_runs_the_encoder_in_full_precision(tmp_path: 
 def test_a_checkpoint_for_another_base_model_is_refused(tmp_path: Path) -> None:
     model_dir = save_tiny_model(tmp_path / "model", seed=1)
     base = tiny_base(0)
-    save_hypernet(tmp_path / "hn", tiny_hypernet(base.model), base_model_name="tiny-0", base_model_fingerprint=base.fingerprint)
+    save_hypernet(
+        tmp_path / "hn", tiny_hypernet(base.model), base_model_name="tiny-0", base_model_fingerprint=base.fingerprint
+    )
     with pytest.raises(IncompatibleCheckpointError, match="tiny-0"):
         MemoryEngine.from_pretrained(base_model=str(model_dir), hypernet=tmp_path / "hn")
 
@@ -189,8 +201,11 @@ def test_checkpoint_round_trip_and_tampering(tmp_path: Path) -> None:
     loaded, meta = load_hypernet(tmp_path / "hn", expect_base_model=base.fingerprint)
     assert meta.config == net.cfg
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in net.state_dict().items())
-    half = save_hypernet(tmp_path / "hn16", net, base_model_name="tiny", base_model_fingerprint=base.fingerprint, dtype=torch.float16)
-    assert (tmp_path / "hn16" / "hypernet.safetensors").stat().st_size < (tmp_path / "hn" / "hypernet.safetensors").stat().st_size
+    half = save_hypernet(
+        tmp_path / "hn16", net, base_model_name="tiny", base_model_fingerprint=base.fingerprint, dtype=torch.float16
+    )
+    half_size = (tmp_path / "hn16" / "hypernet.safetensors").stat().st_size
+    assert half_size < (tmp_path / "hn" / "hypernet.safetensors").stat().st_size
     assert half.hypernet_id != meta.hypernet_id
     weights = tmp_path / "hn" / "hypernet.safetensors"
     raw = bytearray(weights.read_bytes())

@@ -14,7 +14,9 @@ from d2l_memory.errors import IncomparableEvaluationError
 from d2l_memory.evaluation.compare import compare, sign_test_p
 
 
-def _row(mode: str, doc: str, question: str, right: bool, domain: str = "facts", open_value: bool = True) -> dict[str, Any]:
+def _row(
+    mode: str, doc: str, question: str, right: bool, domain: str = "facts", open_value: bool = True
+) -> dict[str, Any]:
     return {"mode": mode, "doc": doc, "question": question, "tokens": 100, "domain": domain,
             "open_value": open_value, "contains": right, "exact": right}  # fmt: skip
 

@@ -65,7 +65,10 @@ def test_harness_runs_every_mode_and_reports(engine: MemoryEngine, tmp_path: Pat
               "adapter_recall": {"needle_by_length": {"12288": cell(2 / 3)}}}
     lines = verdict(beyond)
     assert any("all chunk adapters" in line and "MISSED" in line for line in lines)
-    assert any("recall-picked chunk adapters" in line and "adapter_recall 67%" in line and "| met |" in line for line in lines)
+    assert any(
+        "recall-picked chunk adapters" in line and "adapter_recall 67%" in line and "| met |" in line
+        for line in lines
+    )
     assert plot(result, tmp_path / "eval.png").stat().st_size > 1000
     bench = tmp_path / "BENCHMARKS.md"
     replace_section(bench, "eval", "first")
@@ -75,14 +78,18 @@ def test_harness_runs_every_mode_and_reports(engine: MemoryEngine, tmp_path: Pat
     assert "second" in content and "first" not in content and "keep me" in content
 
 
-def test_a_second_checkpoint_can_reuse_the_hypernet_free_rows(engine: MemoryEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_second_checkpoint_can_reuse_the_hypernet_free_rows(
+    engine: MemoryEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import dataclasses
 
     from d2l_memory.errors import IncomparableEvaluationError
     from d2l_memory.evaluation import harness
 
-    cfg = EvalConfig(docs={"facts": 2, "conversation": 1}, questions_per_doc=2, needle_tokens=(64,), needle_depths=(0.5,),
-                     distill_docs=1, distill=DistillConfig(steps=2, rank=2), max_new_tokens=3, batch_size=4)
+    cfg = EvalConfig(
+        docs={"facts": 2, "conversation": 1}, questions_per_doc=2, needle_tokens=(64,), needle_depths=(0.5,),
+        distill_docs=1, distill=DistillConfig(steps=2, rank=2), max_new_tokens=3, batch_size=4
+    )
     first = json.loads(json.dumps(run_eval(engine, cfg, progress=False), default=str))  # as eval.json stores it
 
     def no_distillation(*args: object, **kwargs: object) -> None:
@@ -105,7 +112,8 @@ def test_a_second_checkpoint_can_reuse_the_hypernet_free_rows(engine: MemoryEngi
         run_eval(engine, dataclasses.replace(cfg, max_new_tokens=4), progress=False, reuse=first)
     with pytest.raises(IncomparableEvaluationError, match="base model"):
         run_eval(engine, cfg, progress=False, reuse={**first, "base_model": "llama-other"})
-    tampered = {**first, "rows": [{**r, "question": r["question"] + "?"} if r["mode"] == "none" else r for r in first["rows"]]}
+    edited_rows = [{**r, "question": r["question"] + "?"} if r["mode"] == "none" else r for r in first["rows"]]
+    tampered = {**first, "rows": edited_rows}
     with pytest.raises(IncomparableEvaluationError, match="questions differ"):
         run_eval(engine, cfg, progress=False, reuse=tampered)
 

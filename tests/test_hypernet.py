@@ -89,7 +89,9 @@ def test_other_targets_by_config() -> None:
     cfg = tiny_hypernet_config(model)
     from d2l_memory.engine import default_hypernet_config
 
-    cfg = default_hypernet_config(model, ("mlp.down_proj", "self_attn.q_proj"), 2, width=32, n_heads=2, n_blocks=1, proj_hidden=64)
+    cfg = default_hypernet_config(
+        model, ("mlp.down_proj", "self_attn.q_proj"), 2, width=32, n_heads=2, n_blocks=1, proj_hidden=64
+    )
     out = run_hypernet(model, HyperLoRA(cfg), chunk_ids(["Alice lives in Paris."]))
     assert set(out) == {"mlp.down_proj", "self_attn.q_proj"}
     assert out["self_attn.q_proj"][0].shape[-1] == model.config.hidden_size

@@ -101,7 +101,9 @@ def test_a_failing_step_stops_the_judgement_with_its_status(tmp_path: Path, monk
     run = _state_run(tmp_path)
     fake = _FakeRun(failing="eval")
     monkeypatch.setattr(judge.subprocess, "run", fake)
-    status = judge.main([str(run), "--name", "row", "--out", str(tmp_path / "o"), "--previous", str(tmp_path / "eval.json")])
+    status = judge.main(
+        [str(run), "--name", "row", "--out", str(tmp_path / "o"), "--previous", str(tmp_path / "eval.json")]
+    )
     assert status == 3
     assert fake.seen == ["export-checkpoint", "eval"]
     record = json.loads((tmp_path / "o" / "judge.json").read_text())

@@ -73,7 +73,8 @@ def test_matches_peft_lora_with_the_same_weights() -> None:
         ours = model(x).logits
     reference = tiny_model()  # same seed, same base weights
     peft_model = get_peft_model(
-        reference, LoraConfig(r=rank, lora_alpha=rank, target_modules=["down_proj"], lora_dropout=0.0, init_lora_weights=False)
+        reference,
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=["down_proj"], lora_dropout=0.0, init_lora_weights=False),
     )
     for name, (a, b) in adapter.items():
         module = peft_model.base_model.model.get_submodule(name)

@@ -11,20 +11,29 @@ from d2l_memory.generation import batch_inputs, prompt_ids
 from d2l_memory.lora import lora_scope
 from d2l_memory.prefix_cache import PrefixCache, PrefixCacheConfig, common_prefix_length
 
-SYSTEM = {"role": "system", "content": "Tool docs: call search(query, limit=10) to find items; errors raise NotFound. " * 3}
+SYSTEM = {
+    "role": "system",
+    "content": "Tool docs: call search(query, limit=10) to find items; errors raise NotFound. " * 3,
+}
 HISTORY = [SYSTEM, {"role": "user", "content": "Alice lives in Paris."}, {"role": "assistant", "content": "Noted."}]
 
 
 def reuse_engine(enabled: bool = True, **cfg: object) -> MemoryEngine:
     # A wider weight init than the default tiny model's, so greedy answers vary with the prompt and
     # the adapter instead of repeating one token: comparing answers then means something.
-    return tiny_engine(prefix_cache=PrefixCacheConfig(enabled, min_tokens=8, **cfg), init_range=0.2)  # type: ignore[arg-type]
+    return tiny_engine(
+        prefix_cache=PrefixCacheConfig(enabled, min_tokens=8, **cfg), init_range=0.2  # type: ignore[arg-type]
+    )
 
 
-def last_logits(engine: MemoryEngine, prompts: list[list[int]], adapters: object, cache: PrefixCache | None, k: int) -> torch.Tensor:
+def last_logits(
+    engine: MemoryEngine, prompts: list[list[int]], adapters: object, cache: PrefixCache | None, k: int
+) -> torch.Tensor:
     """The next-token logits as ``generate`` computes them: only the uncached tokens are fed, at the
     positions the attention mask gives them (padding takes no position)."""
-    inputs = batch_inputs(engine.model, prompts, engine.tokenizer.pad_token_id, adapters, cache, k)  # type: ignore[arg-type]
+    inputs = batch_inputs(
+        engine.model, prompts, engine.tokenizer.pad_token_id, adapters, cache, k  # type: ignore[arg-type]
+    )
     mask = inputs["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # type: ignore[union-attr]
     with torch.inference_mode(), lora_scope(engine.model, adapters):  # type: ignore[arg-type]
@@ -36,7 +45,9 @@ def last_logits(engine: MemoryEngine, prompts: list[list[int]], adapters: object
 def test_cached_prefix_gives_the_logits_of_a_full_prefill_per_row_adapter() -> None:
     engine = reuse_engine()
     memories = [engine.internalize("Alice lives in Paris and works as a baker."), engine.internalize("Bob likes teal.")]
-    prompts = [prompt_ids(engine.tokenizer, q, None, HISTORY) for q in ("What is the favourite colour of Bob?", "Where?")]
+    prompts = [
+        prompt_ids(engine.tokenizer, q, None, HISTORY) for q in ("What is the favourite colour of Bob?", "Where?")
+    ]
     k = 40
     assert all(p[:k] == prompts[0][:k] for p in prompts) and all(len(p) > k for p in prompts)
     full = torch.cat([last_logits(engine, [p], m, None, 0) for p, m in zip(prompts, memories, strict=True)])

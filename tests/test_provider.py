@@ -67,7 +67,10 @@ def test_changed_text_supersedes_the_named_version(provider: MemoryProvider) -> 
 
 def test_compaction_appends_chunks_without_reencoding_old_ones(provider: MemoryProvider) -> None:
     counter = CountingEngine(provider.engine)
-    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Message number {i}: Alice lives in Paris."} for i in range(6)]
+    turns = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"Message number {i}: Alice lives in Paris."}
+        for i in range(6)
+    ]
     assert provider.append_messages(ALICE, turns[:4]) is None  # fits the verbatim window
     first = provider.append_messages(ALICE, turns[4:])
     assert first is not None and first.messages == 2
@@ -226,6 +229,8 @@ def test_compaction_keeps_the_text_of_earlier_chunks(provider: MemoryProvider) -
 
 
 @pytest.mark.parametrize("bad", ["int8", "float17", "bool"])
-def test_a_storage_dtype_that_is_not_a_float_is_refused_up_front(engine: MemoryEngine, store: AdapterStore, bad: str) -> None:
+def test_a_storage_dtype_that_is_not_a_float_is_refused_up_front(
+    engine: MemoryEngine, store: AdapterStore, bad: str
+) -> None:
     with pytest.raises(ValueError, match=f"{bad!r} is not a torch floating-point dtype"):
         MemoryProvider(engine, store, ProviderConfig(storage_dtype=bad))

@@ -72,7 +72,9 @@ def test_held_out_phrasings_never_appear_in_training() -> None:
 def test_tiny_training_run_lowers_the_loss(tmp_path: Path) -> None:
     # A wider init than the default 0.02 gives the tiny model logits a LoRA can move. The loss is
     # compared on the same fixed batches before and after, so batch-to-batch noise cannot fake it.
-    trainer = Trainer(tiny_config(tmp_path / "run", steps=40, checkpoint_every=40, lr=1e-2), base=tiny_base(init_range=0.3))
+    trainer = Trainer(
+        tiny_config(tmp_path / "run", steps=40, checkpoint_every=40, lr=1e-2), base=tiny_base(init_range=0.3)
+    )
     batches = [trainer.microbatch(step, 0) for step in range(4)]
 
     def fixed_loss() -> float:
@@ -182,8 +184,9 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path: Path) -> None:
         "        return path\n"
         "DiesAtStep3(TrainConfig.from_file(sys.argv[2]), base=tiny_base()).run(progress=False)"
     )
-    proc = subprocess.run([sys.executable, "-c", script, str(TESTS), str(config)], env={**os.environ, "PYTHONHASHSEED": "0"},
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(TESTS), str(config)], env={**os.environ, "PYTHONHASHSEED": "0"}, timeout=300
+    )
     assert proc.returncode == -signal.SIGKILL
     resumed = Trainer(tiny_config(killed, steps), base=tiny_base())
     assert resumed.step == 3  # it really was interrupted

@@ -47,7 +47,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 32, tie: bool = True, init_range: float = 0.02) -> LlamaForCausalLM:
+def tiny_model(
+    seed: int = 0, layers: int = 2, hidden: int = 32, tie: bool = True, init_range: float = 0.02
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tiny_tokenizer()),

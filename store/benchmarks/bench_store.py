@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--postgres-url", default=os.environ.get("D2L_BENCH_POSTGRES_URL"),
                    help="also benchmark a PostgreSQL index (default: $D2L_BENCH_POSTGRES_URL)")  # fmt: skip
     p.add_argument("--chunks", type=int, nargs="+", default=[1, 8, 64], help="memory sizes in chunks")
-    p.add_argument("--ops", type=int, nargs="+", default=[200, 50, 12], help="puts (and gets) per size, one per --chunks")
+    p.add_argument(
+        "--ops", type=int, nargs="+", default=[200, 50, 12], help="puts (and gets) per size, one per --chunks"
+    )
     p.add_argument("--dir", type=Path, default=None, help="where blobs and the SQLite index go (default: a temp dir)")
     args = p.parse_args(argv)
     if len(args.ops) != len(args.chunks):

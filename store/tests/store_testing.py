@@ -79,7 +79,8 @@ def put_simple(store: AdapterStore, scope: Scope, *, n_chunks: int = 2, r: int =
     kw.setdefault("base_model", BASE)
     kw.setdefault("hypernet", HYPER)
     return store.put(
-        make_adapter(n_chunks=n_chunks, r=r, seed=seed), scope=scope, rank_per_chunk=r, chunk_spans=spans(n_chunks), **kw
+        make_adapter(n_chunks=n_chunks, r=r, seed=seed), scope=scope, rank_per_chunk=r,
+        chunk_spans=spans(n_chunks), **kw
     )
 
 
@@ -147,8 +148,8 @@ def expected_tensors(seeds: Sequence[int]) -> dict[str, torch.Tensor]:
 
 
 def worker_reader(index_url: str, blob_root: str, tenants: Sequence[str], go: Any, stop_file: str, out: Any) -> None:
-    """Once `go` is set and until `stop_file` exists: list every tenant and load every visible record, checking its tensors
-    against its seeds, and collect garbage now and then. Reports (records read, problems)."""
+    """Once `go` is set and until `stop_file` exists: list every tenant and load every visible record, checking
+    its tensors against its seeds, and collect garbage now and then. Reports (records read, problems)."""
     from d2l_store import RecordNotFound
 
     store = AdapterStore.open(index_url, blob_root, gc_grace_s=5.0)

@@ -39,7 +39,9 @@ def test_async_variants(store: AdapterStore, tmp_path: Path) -> None:
         shrunk = await store.adrop_chunks(grown.id, [0])
         assert shrunk.version == 3 and shrunk.n_chunks == 2
         out = await store.aexport_peft(shrunk.id, tmp_path / "peft")
-        back = await store.aimport_peft(out, scope=Scope(tenant="other"), kind="document", base_model=BASE, hypernet=HYPER)
+        back = await store.aimport_peft(
+            out, scope=Scope(tenant="other"), kind="document", base_model=BASE, hypernet=HYPER
+        )
         assert back.chunk_spans == shrunk.chunk_spans
         await store.adelete(recs[0].id, scope=T)
         with pytest.raises(RecordNotFound):

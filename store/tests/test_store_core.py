@@ -52,7 +52,8 @@ def test_identical_adapters_share_one_blob(store: AdapterStore) -> None:
 
 def test_list_filters(store: AdapterStore) -> None:
     docs = [put_simple(store, Scope(tenant="acme", user=u, agent=ag), seed=i, tags=t)
-            for i, (u, ag, t) in enumerate([("ann", "", ["x"]), ("ann", "bot", ["x", "y"]), ("bob", "bot", ["y"])])]  # fmt: skip
+            for i, (u, ag, t) in enumerate([("ann", "", ["x"]), ("ann", "bot", ["x", "y"]),
+                                            ("bob", "bot", ["y"])])]  # fmt: skip
     conv = put_simple(store, Scope(tenant="acme", user="ann"), kind="conversation", seed=9)
     other_model = put_simple(store, Scope(tenant="acme"), base_model="other@1", hypernet="h2", seed=10)
     put_simple(store, Scope(tenant="globex", user="ann"), seed=11)

@@ -42,8 +42,8 @@ def _write_v1_record(index_url: str, blob_root: Path) -> tuple[str, dict]:
                 " '', '', 'document', :base, :hyper, 4, 2, :spans, 'float32', 2, :n, :d, 'sha256:x', 'old text',"
                 " :meta, :t, :t, 1, NULL)"
             ),
-            {"id": rid, "base": BASE, "hyper": HYPER, "spans": json.dumps([[0, 5], [5, 9]]), "n": len(data), "d": digest,
-             "meta": json.dumps({"from": "v1"}), "t": now},  # fmt: skip
+            {"id": rid, "base": BASE, "hyper": HYPER, "spans": json.dumps([[0, 5], [5, 9]]), "n": len(data),
+             "d": digest, "meta": json.dumps({"from": "v1"}), "t": now},  # fmt: skip
         )
         c.execute(text("INSERT INTO adapter_tags VALUES (:id, 'old')"), {"id": rid})
         assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
@@ -61,7 +61,9 @@ def test_index_from_first_revision_opens_and_upgrades(index_url: str, tmp_path: 
         assert rec.expires_at is None and rec.tags == ("old",) and rec.metadata == {"from": "v1"}
         assert rec.created_at == datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC) and rec.source_text == "old text"
         assert [r.id for r in store.list(Scope(tenant="acme"), tags=["old"])] == [rid]
-        newer = put_simple(store, Scope(tenant="acme", user="ann"), supersedes=rid, expires_at=datetime(2999, 1, 1, tzinfo=UTC))
+        newer = put_simple(
+            store, Scope(tenant="acme", user="ann"), supersedes=rid, expires_at=datetime(2999, 1, 1, tzinfo=UTC)
+        )
         assert newer.version == 2 and store.get(newer.id)[0].expires_at == datetime(2999, 1, 1, tzinfo=UTC)
     with AdapterStore.open(index_url, tmp_path / "blobs") as again:  # opening a current index changes nothing
         assert again.get_record(newer.id).id == newer.id

@@ -77,12 +77,15 @@ def _merged(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.n
 
 
 @pytest.mark.parametrize("pad", [False, True], ids=["exact-rank", "vllm-padded"])
-def test_export_loads_in_peft_with_the_same_logits(sqlite_store: AdapterStore, tiny_llama: torch.nn.Module,
-                                                   tokens: torch.Tensor, tmp_path: Path, pad: bool) -> None:  # fmt: skip
+def test_export_loads_in_peft_with_the_same_logits(
+    sqlite_store: AdapterStore, tiny_llama: torch.nn.Module, tokens: torch.Tensor, tmp_path: Path, pad: bool
+) -> None:  # fmt: skip
     tensors = _adapter(rank=6)
     rec = sqlite_store.put(tensors, scope=T, kind="document", base_model=BASE, hypernet=HYPER, rank_per_chunk=2,
                            chunk_spans=[(0, 4), (4, 9), (9, 11)])  # fmt: skip
-    out = sqlite_store.export_peft(rec.id, tmp_path / "peft", pad_rank_to_vllm=pad, base_model_name_or_path="tiny-llama")
+    out = sqlite_store.export_peft(
+        rec.id, tmp_path / "peft", pad_rank_to_vllm=pad, base_model_name_or_path="tiny-llama"
+    )
 
     config = json.loads((out / "adapter_config.json").read_text())
     r = 8 if pad else 6
@@ -126,7 +129,9 @@ def test_import_of_a_stock_peft_adapter(sqlite_store: AdapterStore, tiny_llama: 
     rec = sqlite_store.import_peft(tmp_path / "stock", scope=T, kind="tool_doc", base_model=BASE, hypernet=HYPER)
     assert (rec.rank, rec.n_chunks, rec.n_modules) == (4, 1, 4)
     _, stored = sqlite_store.get(rec.id)
-    torch.testing.assert_close(_logits(_merged(tiny_llama, stored), tokens), _logits(model, tokens), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _logits(_merged(tiny_llama, stored), tokens), _logits(model, tokens), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_import_restores_chunking_and_removes_padding(sqlite_store: AdapterStore, tmp_path: Path) -> None:
@@ -152,7 +157,8 @@ def test_padding_refuses_ranks_vllm_cannot_serve(sqlite_store: AdapterStore, tmp
                            chunk_spans=[(i, i + 1) for i in range(65)])  # fmt: skip
     with pytest.raises(InvalidAdapterError, match="vLLM"):
         sqlite_store.export_peft(rec.id, tmp_path / "x", pad_rank_to_vllm=True)
-    assert json.loads((sqlite_store.export_peft(rec.id, tmp_path / "y") / "adapter_config.json").read_text())["r"] == 520
+    unpadded = sqlite_store.export_peft(rec.id, tmp_path / "y")
+    assert json.loads((unpadded / "adapter_config.json").read_text())["r"] == 520
 
 
 def test_unsupported_peft_folders_are_refused(sqlite_store: AdapterStore, tmp_path: Path) -> None:
@@ -160,7 +166,9 @@ def test_unsupported_peft_folders_are_refused(sqlite_store: AdapterStore, tmp_pa
                            rank_per_chunk=2, chunk_spans=[(0, 1)])  # fmt: skip
     out = sqlite_store.export_peft(rec.id, tmp_path / "p")
     config = json.loads((out / "adapter_config.json").read_text())
-    for change in ({"use_dora": True}, {"peft_type": "IA3"}, {"modules_to_save": ["lm_head"]}, {"rank_pattern": {"q_proj": 4}}):
+    for change in (
+        {"use_dora": True}, {"peft_type": "IA3"}, {"modules_to_save": ["lm_head"]}, {"rank_pattern": {"q_proj": 4}}
+    ):
         (out / "adapter_config.json").write_text(json.dumps(config | change))
         with pytest.raises(InvalidAdapterError):
             sqlite_store.import_peft(out, scope=T, kind="document", base_model=BASE, hypernet=HYPER)

@@ -113,7 +113,11 @@ def test_writer_killed_mid_put_leaves_nothing_half_written(index_url: str, tmp_p
     time.sleep(random.uniform(0.0, 0.3))  # kill the looping writer wherever it happens to be
     os.kill(early[0].pid, signal.SIGKILL)  # type: ignore[arg-type]
     late = start("in-transaction")
-    _wait_for(lambda: all(ready[p].exists() for p in KILL_POINTS[1:]), "the writers to stop at their points", early[1:] + [late])
+    _wait_for(
+        lambda: all(ready[p].exists() for p in KILL_POINTS[1:]),
+        "the writers to stop at their points",
+        early[1:] + [late],
+    )
     for p in [*early[1:], late]:
         os.kill(p.pid, signal.SIGKILL)  # type: ignore[arg-type]
     for p in procs:

@@ -31,7 +31,8 @@ scopes = st.builds(Scope, tenant=scope_field, user=scope_field, agent=scope_fiel
 tags = st.lists(st.text(name_chars | st.just("/"), min_size=1, max_size=10).filter(_nfc), max_size=4)
 plain_text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=40)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False) | plain_text,
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False)
+    | plain_text,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(plain_text, inner, max_size=3),
     max_leaves=8,
 )
@@ -79,13 +80,16 @@ def test_put_get_round_trip(store: AdapterStore, adapter: Any, scope: Scope, tag
     assert _json_equal(got.metadata, meta) and got.source_text == text
     assert rec.id in {x.id for x in store.list(scope, exact_scope=True, tags=tags, kind=kind, limit=1000)}
     if text is not None:
-        assert store.find_by_source_hash(scope, got.source_hash, BASE, HYPER).id == rec.id  # type: ignore[arg-type,union-attr]
+        found = store.find_by_source_hash(scope, got.source_hash, BASE, HYPER).id  # type: ignore[arg-type,union-attr]
+        assert found == rec.id
     store.delete(rec.id, scope=scope)
 
 
 @SETTINGS
 @given(adapter=adapters(), pad=st.booleans())
-def test_peft_export_import_round_trip(sqlite_store: AdapterStore, tmp_path_factory: Any, adapter: Any, pad: bool) -> None:
+def test_peft_export_import_round_trip(
+    sqlite_store: AdapterStore, tmp_path_factory: Any, adapter: Any, pad: bool
+) -> None:
     tensors, r, spans = adapter
     rec = sqlite_store.put(tensors, scope=Scope(tenant="t"), kind="document", base_model=BASE, hypernet=HYPER,
                            rank_per_chunk=r, chunk_spans=spans)  # fmt: skip
@@ -105,7 +109,9 @@ def test_any_tenant_string_is_refused_or_isolated(sqlite_store: AdapterStore, te
         return
     assume(tenant != other)
     t = {"x.lora_A": torch.ones(1, 2), "x.lora_B": torch.ones(2, 1)}
-    rec = sqlite_store.put(t, scope=mine, kind="document", base_model=BASE, hypernet=HYPER, rank_per_chunk=1, chunk_spans=[(0, 1)])
+    rec = sqlite_store.put(
+        t, scope=mine, kind="document", base_model=BASE, hypernet=HYPER, rank_per_chunk=1, chunk_spans=[(0, 1)]
+    )
     assert rec.id not in {x.id for x in sqlite_store.list(theirs, limit=1000)}
     assert rec.id in {x.id for x in sqlite_store.list(mine, limit=1000)}
     sqlite_store.delete_scope(theirs)

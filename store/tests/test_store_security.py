@@ -37,7 +37,9 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_damaged_blob_is_detected_and_never_loaded(store: AdapterStore, damage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_damaged_blob_is_detected_and_never_loaded(
+    store: AdapterStore, damage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rec = put_simple(store, T)
     tamper(store, rec.blob_digest, DAMAGE[damage])
 
@@ -140,11 +142,13 @@ def test_hostile_but_valid_names_stay_inside_the_store(tmp_path: Path) -> None:
     tags = ["../../../../tmp/pwned", "/etc/passwd", "x=1", "--", "a:b@c+d", "ünïcødé", "中文", "..", "."]
     odd = "../../etc/passwd';DROP-TABLE-adapters;--"
     rec = put_simple(store, Scope(tenant="..", user="--", agent="a=b", session="中文"), tags=tags,
-                     base_model=odd, hypernet=odd, metadata={"../x": "'; DROP TABLE adapters; --", "ü": "\u202e"})  # fmt: skip
+                     base_model=odd, hypernet=odd,
+                     metadata={"../x": "'; DROP TABLE adapters; --", "ü": "\u202e"})  # fmt: skip
     scope = Scope(tenant="..")
     for tag in tags:
         assert [r.id for r in store.list(scope, tags=[tag])] == [rec.id]
-    assert store.list(scope, tags=["../../../../tmp"]) == [] and store.list(scope, tags=[".../"]) == []  # no prefix matching
+    # no prefix matching
+    assert store.list(scope, tags=["../../../../tmp"]) == [] and store.list(scope, tags=[".../"]) == []
     got, _ = store.get(rec.id, scope=scope, expect_base_model=odd, expect_hypernet=odd)
     assert got.metadata == {"../x": "'; DROP TABLE adapters; --", "ü": "\u202e"}
     assert got.scope == Scope(tenant="..", user="--", agent="a=b", session="中文")
@@ -250,7 +254,9 @@ def test_malformed_tensors_are_refused_before_writing(sqlite_store: AdapterStore
     ids=repr,
 )
 def test_malformed_arguments_are_refused(sqlite_store: AdapterStore, kw: dict[str, object]) -> None:
-    args: dict[str, object] = dict(scope=T, kind="document", base_model=BASE, hypernet=HYPER, rank_per_chunk=4, chunk_spans=spans(2))
+    args: dict[str, object] = dict(
+        scope=T, kind="document", base_model=BASE, hypernet=HYPER, rank_per_chunk=4, chunk_spans=spans(2)
+    )
     with pytest.raises(StoreError):
         sqlite_store.put(make_adapter(n_chunks=2, r=4), **(args | kw))  # type: ignore[arg-type]
     assert sqlite_store.list(T) == []

@@ -19,7 +19,9 @@ from llama_index.memory.d2l import clear_shared_cache  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _isolated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _isolated(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
     # Fast tests never touch the user's cache or default store; slow tests share the converted
     # default model (as `make setup` prepares it) but still get their own store.
     if not request.node.get_closest_marker("slow"):

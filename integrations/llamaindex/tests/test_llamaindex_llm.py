@@ -39,7 +39,8 @@ def test_the_scope_recall_is_applied(provider: MemoryProvider) -> None:
     assert done.additional_kwargs["memory_ids"] == [paris.id]  # Bob's memory is not visible
     assert done.text == provider.engine.generate(Q, memory=adapter, max_new_tokens=8)
     assert done.text != provider.engine.generate(Q, max_new_tokens=8)  # the adapter changed the answer
-    assert done.additional_kwargs["prompt_tokens"] == provider.engine.count_prompt_tokens(Q)  # no document in the prompt
+    # no document in the prompt
+    assert done.additional_kwargs["prompt_tokens"] == provider.engine.count_prompt_tokens(Q)
 
 
 def test_memories_per_call(provider: MemoryProvider) -> None:

@@ -44,7 +44,8 @@ def test_get_reports_what_is_active_in_a_short_note(provider: MemoryProvider) ->
     provider = MemoryProvider(provider.engine, provider.store, ProviderConfig(rank_budget=512))  # room for both
     provider.add_document(DOC_PARIS, ALICE, name="paris.md")
     block = D2LMemoryBlock(provider=provider, scope=SESSION)
-    assert asyncio.run(block.aget([ChatMessage(role="user", content="Hi")])) == "Recalled from memory (applied as adapters, not shown here): paris.md."
+    note = asyncio.run(block.aget([ChatMessage(role="user", content="Hi")]))
+    assert note == "Recalled from memory (applied as adapters, not shown here): paris.md."
     memory = _memory(block)
     _talk(memory, 6)
     system = memory.get(input="What is the launch code?")[0]
@@ -70,7 +71,9 @@ def test_the_llm_in_the_same_scope_applies_the_flushed_conversation(provider: Me
     session_memory = provider.session_memory(SESSION)
     assert session_memory is not None and reply.additional_kwargs["memory_ids"] == [session_memory.id]
     history = [{"role": m.role.value, "content": m.content} for m in messages[:-1]]
-    expected = provider.engine.complete(question, memory=provider.recall(question, SESSION).adapter, history=history, max_new_tokens=8)
+    expected = provider.engine.complete(
+        question, memory=provider.recall(question, SESSION).adapter, history=history, max_new_tokens=8
+    )
     assert reply.message.content == expected.text and reply.additional_kwargs["prompt_tokens"] == expected.prompt_tokens
 
 

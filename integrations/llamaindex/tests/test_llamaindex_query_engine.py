@@ -59,7 +59,9 @@ def test_hybrid_adds_the_best_snippets_to_the_prompt(provider: MemoryProvider) -
     assert b.metadata["prompt_tokens"] > a.metadata["prompt_tokens"]
     recall = provider.recall("What colour is teal?", ALICE, snippets=len(shown))
     context = "\n\n".join(s.text.strip() for s in recall.snippets)
-    assert b.response == provider.engine.generate("What colour is teal?", memory=recall.adapter, context=context, max_new_tokens=8)
+    assert b.response == provider.engine.generate(
+        "What colour is teal?", memory=recall.adapter, context=context, max_new_tokens=8
+    )
 
 
 def test_memory_ids_pin_what_is_applied(provider: MemoryProvider) -> None:
@@ -115,7 +117,10 @@ def test_an_empty_scope_answers_with_the_base_model(provider: MemoryProvider) ->
 @pytest.mark.parametrize("case", ["offsets", "missing", "earlier occurrence", "disagreeing overlap"])
 def test_rejoin_trusts_offsets_only_when_they_are_consistent(case: str) -> None:
     text = "abcdefghij"
-    nodes = [TextNode(text=text[0:6], start_char_idx=0, end_char_idx=6), TextNode(text=text[4:10], start_char_idx=4, end_char_idx=10)]
+    nodes = [
+        TextNode(text=text[0:6], start_char_idx=0, end_char_idx=6),
+        TextNode(text=text[4:10], start_char_idx=4, end_char_idx=10),
+    ]
     if case == "missing":
         nodes[1].start_char_idx = None
     elif case == "earlier occurrence":

@@ -52,7 +52,8 @@ def test_async_retrieve_matches(provider: MemoryProvider) -> None:
     provider.add_document(DOC_PARIS, ALICE)
     retriever = D2LRetriever(ALICE, provider=provider)
     sync = retriever.retrieve("baker in Paris")
-    assert [h.node.node_id for h in asyncio.run(retriever.aretrieve("baker in Paris"))] == [h.node.node_id for h in sync]
+    async_ids = [h.node.node_id for h in asyncio.run(retriever.aretrieve("baker in Paris"))]
+    assert async_ids == [h.node.node_id for h in sync]
 
 
 def test_plugs_into_a_core_retriever_query_engine(provider: MemoryProvider) -> None:

@@ -9,8 +9,8 @@ judged run's own output files and nothing else:
 - the "ablations" section (``ablate.py --report --benchmarks``; the judge already scored the row),
 
 each naming the command that measured it and the judge run it came from. It refuses a run whose steps did
-not all succeed, or whose checkpoint is not, byte for byte, the one in the package: the sections must
-describe the shipped weights. The hand-written notes beside them stay a person's job.
+not all succeed, or whose checkpoint is not the one in the package (weights byte for byte, metadata but
+for the export command): the sections must describe the shipped weights. The hand-written notes beside them stay a person's job.
 
     python benchmarks/publish.py /tmp/judge-4600
 """
@@ -58,14 +58,20 @@ def read_record(judged: Path) -> dict[str, dict]:
     return {"judge": {"command": record["command"]}, **steps}
 
 
-def check_same_files(judged_checkpoint: Path, shipped: Path) -> None:
-    """Refuse unless both folders hold the same file names with the same bytes."""
-    def files(folder: Path) -> dict[str, bytes]:
-        return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+def check_same_checkpoint(judged_checkpoint: Path, shipped: Path) -> None:
+    """Refuse unless the weights are byte for byte the same and the metadata agrees in everything but the
+    export command (which names the folder it exported into)."""
+    def metadata(folder: Path) -> dict:
+        meta = json.loads((folder / "hypernet.json").read_text())
+        meta.get("training", {}).pop("command", None)
+        return meta
 
-    if not judged_checkpoint.is_dir() or not shipped.is_dir():
-        raise NotPublishable(f"both {judged_checkpoint} and {shipped} must be checkpoint folders")
-    if files(judged_checkpoint) != files(shipped):
+    for folder in (judged_checkpoint, shipped):
+        if not all((folder / name).is_file() for name in ("hypernet.json", "hypernet.safetensors")):
+            raise NotPublishable(f"{folder} is not a checkpoint folder (hypernet.json and hypernet.safetensors)")
+    same_weights = (judged_checkpoint / "hypernet.safetensors").read_bytes() == (
+        shipped / "hypernet.safetensors").read_bytes()
+    if not same_weights or metadata(judged_checkpoint) != metadata(shipped):
         raise NotPublishable(f"{judged_checkpoint} is not byte for byte the shipped checkpoint {shipped}: ship it "
                              f"first (d2l-memory export-checkpoint RUN {shipped}) or judge the shipped state")
 
@@ -120,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         steps = read_record(args.judged)
-        check_same_files(args.judged / "hypernet", args.shipped)
+        check_same_checkpoint(args.judged / "hypernet", args.shipped)
         judge_command = steps["judge"]["command"]
         publish_eval(args.judged, steps["eval"]["command"], judge_command, args.repo)
         publish_compaction(args.judged, steps["compaction"]["command"], judge_command, args.repo)

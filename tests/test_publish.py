@@ -23,7 +23,8 @@ def _judged(tmp_path: Path, failing: str | None = None) -> tuple[Path, Path, Pat
     judged = tmp_path / "judged"
     for sub in ("hypernet", "eval", "compaction"):
         (judged / sub).mkdir(parents=True)
-    (judged / "hypernet" / "hypernet.json").write_text('{"id": "hn-x"}')
+    meta = {"weights_sha256": "ab", "config": {"width": 8}, "training": {"step": 9, "command": "export to judged"}}
+    (judged / "hypernet" / "hypernet.json").write_text(json.dumps(meta))
     (judged / "hypernet" / "hypernet.safetensors").write_bytes(bytes(range(256)))
     shutil.copyfile(COMMITTED / "eval.json", judged / "eval" / "eval.json")
     shutil.copyfile(COMMITTED / "compaction.json", judged / "compaction" / "compaction.json")
@@ -31,8 +32,11 @@ def _judged(tmp_path: Path, failing: str | None = None) -> tuple[Path, Path, Pat
     steps = [{"label": label, "command": commands.get(label, f"d2l-memory {label}"), "seconds": 1.0,
               "status": 2 if label == failing else 0} for label in publish.JUDGED_STEPS]
     (judged / "judge.json").write_text(json.dumps({"command": JUDGE_COMMAND, "steps": steps}))
-    shipped = tmp_path / "shipped"
+    shipped = tmp_path / "shipped"  # exported again, into the package, with its training plot
     shutil.copytree(judged / "hypernet", shipped)
+    meta["training"]["command"] = "export to the package --plot"
+    (shipped / "hypernet.json").write_text(json.dumps(meta))
+    (shipped / "training.png").write_bytes(b"png")
     repo = tmp_path / "repo"
     (repo / "benchmarks" / "results").mkdir(parents=True)
     (repo / "BENCHMARKS.md").write_text(
@@ -70,12 +74,18 @@ def test_sections_and_result_files_come_from_the_judged_run(tmp_path: Path, abla
     assert ablations == [repo]
 
 
+@pytest.mark.parametrize("change", ["weights", "metadata"])
 def test_a_checkpoint_that_is_not_the_shipped_one_is_refused(
-    tmp_path: Path, ablations: list[Path], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, ablations: list[Path], capsys: pytest.CaptureFixture[str], change: str
 ) -> None:
     judged, shipped, repo = _judged(tmp_path)
-    weights = shipped / "hypernet.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    if change == "weights":
+        weights = shipped / "hypernet.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    else:
+        meta = json.loads((shipped / "hypernet.json").read_text())
+        meta["training"]["step"] = 10
+        (shipped / "hypernet.json").write_text(json.dumps(meta))
     before = (repo / "BENCHMARKS.md").read_text()
     with pytest.raises(SystemExit):
         publish.main(_args(judged, shipped, repo))

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from d2l_memory.errors import D2LMemoryError
 from d2l_memory.evaluation.rows import read_result
@@ -92,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{args.previous}: records no evaluation settings to repeat")
     # The committed eval.json is overwritten when a checkpoint ships; judge against a copy of it.
     previous_eval = out / "previous-eval.json"
-    record: dict = {"command": "python benchmarks/judge.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+    record: dict[str, Any] = {"command": "python benchmarks/judge.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                     "steps": []}
     folder = REPO / out  # where this process writes: `out` as the steps see it, from the repository root
     if not args.dry_run:

@@ -48,14 +48,18 @@ def read_record(judged: Path) -> dict[str, dict]:
     path = judged / "judge.json"
     if not path.is_file():
         raise NotPublishable(f"{path} is missing: {judged} is not the output folder of benchmarks/judge.py")
-    record = json.loads(path.read_text())
-    steps = {step["label"]: step for step in record["steps"]}
+    try:
+        record = json.loads(path.read_text())
+        steps = {step["label"]: step for step in record["steps"]}
+        judge_command = record["command"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise NotPublishable(f"{path} is not a record written by benchmarks/judge.py ({exc!r})") from exc
     missing = [label for label in JUDGED_STEPS if label not in steps]
     failed = [label for label, step in steps.items() if step["status"] != 0]
     if missing or failed:
         raise NotPublishable(f"{judged}: the judge run is incomplete (missing {missing or 'none'}, failed "
                              f"{failed or 'none'}); run benchmarks/judge.py again")
-    return {"judge": {"command": record["command"]}, **steps}
+    return {"judge": {"command": judge_command}, **steps}
 
 
 def check_same_checkpoint(judged_checkpoint: Path, shipped: Path) -> None:

@@ -104,3 +104,7 @@ def test_an_incomplete_judge_run_is_refused(
     with pytest.raises(SystemExit):
         publish.main(_args(tmp_path / "repo", shipped, repo))  # not a judge output folder at all
     assert "judge.json is missing" in capsys.readouterr().err
+    (judged / "judge.json").write_text('{"steps": [{"status": 0}]}')  # no labels, no command
+    with pytest.raises(SystemExit):
+        publish.main(_args(judged, shipped, repo))
+    assert "is not a record written by benchmarks/judge.py" in capsys.readouterr().err

@@ -34,7 +34,7 @@ from d2l_store import AdapterStore
 from d2l_memory import MemoryEngine, MemoryProvider, ProviderConfig, Scope
 from d2l_memory.evaluation.metrics import contains_match
 from d2l_memory.generation import context_window
-from d2l_memory.reporting import command_line, replace_section
+from d2l_memory.reporting import command_line, replace_section, with_artifacts
 from d2l_memory.training.synth import long_conversation
 
 logger = logging.getLogger("benchmarks.compaction")
@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(result, command.strip())
     print(text)
     if args.benchmarks:
-        raw = (args.out / "compaction.json").as_posix()
-        replace_section(Path("BENCHMARKS.md"), "compaction", text + f"\n\nRaw results: `{raw}`")
+        replace_section(Path("BENCHMARKS.md"), "compaction", with_artifacts(text, args.out / "compaction.json"))
     return 0
 
 

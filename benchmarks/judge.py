@@ -93,8 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{args.previous}: records no evaluation settings to repeat")
     # The committed eval.json is overwritten when a checkpoint ships; judge against a copy of it.
     previous_eval = out / "previous-eval.json"
-    record: dict[str, Any] = {"command": "python benchmarks/judge.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-                    "steps": []}
+    given = sys.argv[1:] if argv is None else argv
+    record: dict[str, Any] = {"command": "python benchmarks/judge.py " + shlex.join(given), "steps": []}
     folder = REPO / out  # where this process writes: `out` as the steps see it, from the repository root
     if not args.dry_run:
         folder.mkdir(parents=True, exist_ok=True)

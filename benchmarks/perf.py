@@ -32,7 +32,7 @@ from d2l_memory.evaluation.distill import DistillConfig, context_distill
 from d2l_memory.generation import context_window, left_pad, prompt_ids
 from d2l_memory.lora import lora_scope, stack_per_row
 from d2l_memory.prefix_cache import PrefixCacheConfig
-from d2l_memory.reporting import save_figure
+from d2l_memory.reporting import save_figure, with_artifacts
 from d2l_memory.training.synth import haystack_corpus
 
 logger = logging.getLogger("benchmarks.perf")
@@ -408,8 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "perf.json").write_text(json.dumps(result, indent=1))
-    image = plot(result, out / "perf.png").as_posix()
-    text = markdown(result) + f"\n\n![performance]({image})\n\nRaw results: `{(out / 'perf.json').as_posix()}`"
+    text = with_artifacts(markdown(result), out / "perf.json", ("performance", plot(result, out / "perf.png")))
     (out / "perf.md").write_text(text + "\n")
     print(text)
     if args.benchmarks:

@@ -10,7 +10,8 @@ judged run's own output files and nothing else:
 
 each naming the command that measured it and the judge run it came from. It refuses a run whose steps did
 not all succeed, or whose checkpoint is not the one in the package (weights byte for byte, metadata but
-for the export command): the sections must describe the shipped weights. The hand-written notes beside them stay a person's job.
+for the export command): the sections must describe the shipped weights. The hand-written notes beside
+them stay a person's job.
 
     python benchmarks/publish.py /tmp/judge-4600
 """
@@ -18,20 +19,19 @@ for the export command): the sections must describe the shipped weights. The han
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
+import compaction  # the script beside this one: Python puts a script's own folder first on sys.path
 from d2l_memory.errors import D2LMemoryError
 from d2l_memory.evaluation.report import markdown as eval_markdown
 from d2l_memory.evaluation.report import plot as eval_plot
 from d2l_memory.evaluation.rows import read_result
-from d2l_memory.reporting import replace_section
+from d2l_memory.reporting import replace_section, with_artifacts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,8 +43,8 @@ class NotPublishable(D2LMemoryError):
     """The judged run cannot describe the shipped checkpoint."""
 
 
-def read_record(judged: Path) -> dict[str, dict]:
-    """The judge's per-step record, by label; every step must have run and succeeded."""
+def read_record(judged: Path) -> tuple[str, dict[str, dict]]:
+    """The judge's command and its steps by label; every step must have run and succeeded."""
     path = judged / "judge.json"
     if not path.is_file():
         raise NotPublishable(f"{path} is missing: {judged} is not the output folder of benchmarks/judge.py")
@@ -59,7 +59,7 @@ def read_record(judged: Path) -> dict[str, dict]:
     if missing or failed:
         raise NotPublishable(f"{judged}: the judge run is incomplete (missing {missing or 'none'}, failed "
                              f"{failed or 'none'}); run benchmarks/judge.py again")
-    return {"judge": {"command": judge_command}, **steps}
+    return judge_command, steps
 
 
 def check_same_checkpoint(judged_checkpoint: Path, shipped: Path) -> None:
@@ -92,20 +92,10 @@ def publish_eval(judged: Path, command: str, judge_command: str, repo: Path) -> 
     shutil.copyfile(judged / "eval" / "eval.json", results / "eval.json")
     eval_plot(result, results / "eval.png")
     relative = Path("benchmarks/results")
-    text = eval_markdown(result, command, provenance(judge_command, judged, f"`{relative.as_posix()}/`"))
-    text += (f"\n\n![evaluation]({(relative / 'eval.png').as_posix()})\n\n"
-             f"Raw results: `{(relative / 'eval.json').as_posix()}`")
+    text = with_artifacts(eval_markdown(result, command, provenance(judge_command, judged, f"`{relative}/`")),
+                          relative / "eval.json", ("evaluation", relative / "eval.png"))
     (results / "eval.md").write_text(text + "\n")
     replace_section(repo / "BENCHMARKS.md", "eval", text)
-
-
-def _compaction_script() -> ModuleType:
-    """benchmarks/compaction.py (a script beside this one, not a package) for its table renderer."""
-    spec = importlib.util.spec_from_file_location("compaction", REPO / "benchmarks" / "compaction.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def publish_compaction(judged: Path, command: str, judge_command: str, repo: Path) -> None:
@@ -113,8 +103,8 @@ def publish_compaction(judged: Path, command: str, judge_command: str, repo: Pat
     result = json.loads(source.read_text())
     raw = Path("benchmarks/results/compaction.json")
     shutil.copyfile(source, repo / raw)
-    text = _compaction_script().markdown(result, command, provenance(judge_command, judged, f"`{raw.as_posix()}`"))
-    replace_section(repo / "BENCHMARKS.md", "compaction", text + f"\n\nRaw results: `{raw.as_posix()}`")
+    text = compaction.markdown(result, command, provenance(judge_command, judged, f"`{raw.as_posix()}`"))
+    replace_section(repo / "BENCHMARKS.md", "compaction", with_artifacts(text, raw))
 
 
 def publish_ablations(repo: Path) -> int:
@@ -129,9 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repo", type=Path, default=REPO, help=argparse.SUPPRESS)  # tests write elsewhere
     args = parser.parse_args(argv)
     try:
-        steps = read_record(args.judged)
+        judge_command, steps = read_record(args.judged)
         check_same_checkpoint(args.judged / "hypernet", args.shipped)
-        judge_command = steps["judge"]["command"]
         publish_eval(args.judged, steps["eval"]["command"], judge_command, args.repo)
         publish_compaction(args.judged, steps["compaction"]["command"], judge_command, args.repo)
     except D2LMemoryError as exc:

@@ -149,7 +149,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from d2l_memory.evaluation.harness import MODES, EvalConfig, run_eval
     from d2l_memory.evaluation.rows import read_result
     from d2l_memory.evaluation.report import markdown, plot
-    from d2l_memory.reporting import replace_section
+    from d2l_memory.reporting import replace_section, with_artifacts
 
     cfg = EvalConfig()
     if args.quick:
@@ -172,9 +172,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1, default=str))
-    text = markdown(result, "d2l-memory " + shlex.join(args.argv))
     image = plot(result, out / "eval.png")
-    text += f"\n\n![evaluation]({image.as_posix()})\n\nRaw results: `{(out / 'eval.json').as_posix()}`"
+    text = with_artifacts(markdown(result, "d2l-memory " + shlex.join(args.argv)), out / "eval.json",
+                          ("evaluation", image))
     (out / "eval.md").write_text(text + "\n")
     print(text)
     if args.benchmarks:

@@ -14,6 +14,12 @@ def command_line(command: str, provenance: str = "") -> str:
     return f"Command: `{command}`" + (f" {provenance}" if provenance else "") + "  "
 
 
+def with_artifacts(text: str, raw: Path, image: tuple[str, Path] | None = None) -> str:
+    """A results section followed by its plot (``(alt text, path)``) and the raw results file it came from."""
+    plot = f"\n\n![{image[0]}]({image[1].as_posix()})" if image else ""
+    return f"{text}{plot}\n\nRaw results: `{raw.as_posix()}`"
+
+
 def replace_section(path: Path, name: str, content: str) -> None:
     """Replace the text between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` (appending it if new)."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"

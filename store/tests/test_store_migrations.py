@@ -1,10 +1,13 @@
 """Schema migrations: an index written at the first revision opens and upgrades in place, the
-migrations build exactly the ORM's schema, concurrent openers migrate once, and an index from a
+migrations build exactly the ORM's schema, concurrent openers migrate once (also when SQLite refuses the switch to WAL mode outright), and an
+index from a
 newer d2l-store is refused with a clear error."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,6 +89,24 @@ def test_concurrent_openers_migrate_once(tmp_path: Path) -> None:
         ids = list(pool.map(open_and_put, range(4)))
     with AdapterStore.open(url, tmp_path / "blobs") as s:
         assert {r.id for r in s.list(Scope(tenant="t"))} == set(ids)
+
+
+def test_wal_switch_refused_by_a_busy_writer_is_retried(tmp_path: Path) -> None:
+    # A writer holding RESERVED on a rollback-journal file makes `PRAGMA journal_mode=WAL` fail at
+    # once, busy timeout or not: the race concurrent first openers of a new index run into.
+    path = tmp_path / "index.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE t (i INTEGER)")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO t VALUES (1)")
+    threading.Timer(0.3, writer.execute, ("COMMIT",)).start()
+    engine = create_index_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        engine.dispose()
+        writer.close()
 
 
 def test_index_from_a_newer_version_is_refused(tmp_path: Path) -> None:

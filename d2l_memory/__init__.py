@@ -7,35 +7,40 @@ other model-facing names import their modules when first touched.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from d2l_store.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from d2l_store import MemoryKind as MemoryKind
-    from d2l_store import Scope as Scope
+    from d2l_store import MemoryKind as MemoryKind, Scope as Scope
 
     from d2l_memory.adapter import MemoryAdapter as MemoryAdapter
-    from d2l_memory.config import ChunkConfig as ChunkConfig
-    from d2l_memory.config import EncoderConfig as EncoderConfig
-    from d2l_memory.config import GenerationConfig as GenerationConfig
-    from d2l_memory.config import HypernetConfig as HypernetConfig
-    from d2l_memory.config import TargetSpec as TargetSpec
-    from d2l_memory.engine import Completion as Completion
-    from d2l_memory.engine import MemoryEngine as MemoryEngine
-    from d2l_memory.errors import BaseModelUnavailableError as BaseModelUnavailableError
-    from d2l_memory.errors import CheckpointError as CheckpointError
-    from d2l_memory.errors import D2LMemoryError as D2LMemoryError
-    from d2l_memory.errors import DocumentTooLargeError as DocumentTooLargeError
-    from d2l_memory.errors import IncompatibleCheckpointError as IncompatibleCheckpointError
-    from d2l_memory.errors import InvalidDocumentError as InvalidDocumentError
+    from d2l_memory.config import (
+        ChunkConfig as ChunkConfig,
+        EncoderConfig as EncoderConfig,
+        GenerationConfig as GenerationConfig,
+        HypernetConfig as HypernetConfig,
+        TargetSpec as TargetSpec,
+    )
+    from d2l_memory.engine import Completion as Completion, MemoryEngine as MemoryEngine
+    from d2l_memory.errors import (
+        BaseModelUnavailableError as BaseModelUnavailableError,
+        CheckpointError as CheckpointError,
+        D2LMemoryError as D2LMemoryError,
+        DocumentTooLargeError as DocumentTooLargeError,
+        IncompatibleCheckpointError as IncompatibleCheckpointError,
+        InvalidDocumentError as InvalidDocumentError,
+    )
     from d2l_memory.lora import lora_scope as lora_scope
     from d2l_memory.prefix_cache import PrefixCacheConfig as PrefixCacheConfig
-    from d2l_memory.provider import AddResult as AddResult
-    from d2l_memory.provider import Answer as Answer
-    from d2l_memory.provider import Compaction as Compaction
-    from d2l_memory.provider import MemoryProvider as MemoryProvider
-    from d2l_memory.provider import ProviderConfig as ProviderConfig
-    from d2l_memory.provider import Recall as Recall
+    from d2l_memory.provider import (
+        AddResult as AddResult,
+        Answer as Answer,
+        Compaction as Compaction,
+        MemoryProvider as MemoryProvider,
+        ProviderConfig as ProviderConfig,
+        Recall as Recall,
+    )
 
 # Public name -> the module that defines it. tests/test_lazy_packages.py checks that this table,
 # the TYPE_CHECKING imports above and what the modules define agree.
@@ -67,16 +72,4 @@ _EXPORTS: dict[str, str] = {
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'd2l_memory' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this hook
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

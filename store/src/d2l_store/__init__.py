@@ -11,26 +11,28 @@ in torch and SQLAlchemy's ORM; only the store itself does.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from d2l_store.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from d2l_store.collect import GcReport as GcReport
-    from d2l_store.errors import BlobIntegrityError as BlobIntegrityError
-    from d2l_store.errors import ConflictError as ConflictError
-    from d2l_store.errors import IncompatibleAdapterError as IncompatibleAdapterError
-    from d2l_store.errors import InvalidAdapterError as InvalidAdapterError
-    from d2l_store.errors import InvalidIdentifierError as InvalidIdentifierError
-    from d2l_store.errors import RecordNotFound as RecordNotFound
-    from d2l_store.errors import StoreError as StoreError
+    from d2l_store.errors import (
+        BlobIntegrityError as BlobIntegrityError,
+        ConflictError as ConflictError,
+        IncompatibleAdapterError as IncompatibleAdapterError,
+        InvalidAdapterError as InvalidAdapterError,
+        InvalidIdentifierError as InvalidIdentifierError,
+        RecordNotFound as RecordNotFound,
+        StoreError as StoreError,
+    )
     from d2l_store.peft_format import VLLM_RANKS as VLLM_RANKS
     from d2l_store.records import AdapterRecord as AdapterRecord
-    from d2l_store.scope import MemoryKind as MemoryKind
-    from d2l_store.scope import Scope as Scope
+    from d2l_store.scope import MemoryKind as MemoryKind, Scope as Scope
     from d2l_store.store import AdapterStore as AdapterStore
 
-# Public name -> the module that defines it. tests/test_store_package.py checks that this table,
-# the TYPE_CHECKING imports above and what the modules define agree.
+# Public name -> the module that defines it. The repository's tests/test_lazy_packages.py checks
+# that this table, the TYPE_CHECKING imports above and what the modules define agree.
 _EXPORTS: dict[str, str] = {
     "AdapterRecord": "d2l_store.records",
     "AdapterStore": "d2l_store.store",
@@ -48,16 +50,4 @@ _EXPORTS: dict[str, str] = {
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'd2l_store' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this hook
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

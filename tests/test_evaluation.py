@@ -8,10 +8,11 @@ import pytest
 from d2l_memory import MemoryEngine
 from d2l_memory.evaluation.distill import DistillConfig, context_distill, document_probes
 from d2l_memory.evaluation.harness import MODES, EvalConfig, run_eval
-from d2l_memory.evaluation.metrics import contains_match, exact_match, normalise, token_f1
+from d2l_memory.evaluation.metrics import contains_match, exact_match, normalise, states_other_fact, token_f1
 from d2l_memory.evaluation.report import markdown, plot, verdict
 from d2l_memory.lora import lora_scope
 from d2l_memory.reporting import replace_section
+from d2l_memory.training.synth import make_sample
 
 
 def test_metrics() -> None:
@@ -22,6 +23,14 @@ def test_metrics() -> None:
     assert exact_match("the teal.", "Teal") and not exact_match("teal blue", "teal")
     assert token_f1("teal blue", "teal") == pytest.approx(2 / 3)
     assert token_f1("", "teal") == 0.0
+
+
+def test_a_wrong_answer_naming_another_fact_of_the_document_is_told_apart() -> None:
+    answers = ["Brakmoor", "1999", "teal", "Brakmoor"]
+    assert states_other_fact("She was born in 1999.", "Brakmoor", answers)
+    assert not states_other_fact("She lives in Brakmoor.", "Brakmoor", answers)  # right, not "other"
+    assert not states_other_fact("She was born in 1998.", "1999", answers)  # a value the document lacks
+    assert not states_other_fact("In Brakmoor.", "Brakmoor.", answers)  # the same fact asked twice
 
 
 def test_probes_never_use_questions() -> None:
@@ -57,7 +66,13 @@ def test_harness_runs_every_mode_and_reports(engine: MemoryEngine, tmp_path: Pat
     assert summary["distill"]["short_docs"]["all"]["n"] == 2
     # 16-token chunks: every needle has more than recall_chunks chunks, so recall picks among them.
     assert set(summary["adapter_recall"]["needle_by_length"]) == {"64", "900"}
+    for mode, cells in ((m, summary[m]["wrong_answers"]) for m in ("none", "adapter")):
+        mode_rows = [r for r in result["rows"] if r["mode"] == mode and r["domain"] != "needle"]
+        assert sum(c["n"] for c in cells.values()) == len(mode_rows)
+        assert sum(c["wrong"] for c in cells.values()) == sum(not r["contains"] for r in mode_rows)
+        assert sum(c["other_fact"] for c in cells.values()) == sum(r["other_fact"] for r in mode_rows)
     text = markdown(result, "d2l-memory eval --quick")
+    assert "state another fact of the same document" in text
     assert "| adapter |" in text and "| adapter_recall |" in text and ("MISSED" in text or "met" in text)
     # The needle verdicts need lengths beyond the 8K window: one line per adapter mode that ran there.
     cell = lambda v: {"n": 3, "contains": v, "exact": v, "f1": v}  # noqa: E731
@@ -107,6 +122,22 @@ def test_a_second_checkpoint_can_reuse_the_hypernet_free_rows(
                      progress=False, reuse=first)
     assert third["reused"]["modes"] == ["none"] and set(third["mode_seconds"]) == {"adapter_recall"}
     assert "reused from an earlier run" in markdown(second, "d2l-memory eval --reuse-baselines eval.json")
+    # Results saved before rows carried ``other_fact`` are completed from the documents when reused.
+    legacy_rows = [{k: v for k, v in r.items() if k != "other_fact"} for r in first["rows"]]
+    fourth = run_eval(engine, dataclasses.replace(cfg, modes=("none", "rag")), progress=False,
+                      reuse={**first, "rows": legacy_rows})
+    assert fourth["mode_seconds"] == {}
+    for mode in ("none", "rag"):
+        assert fourth["summary"][mode] == first["summary"][mode], mode
+    # ... and the completed field is computed, not defaulted: a saved answer naming another fact counts.
+    asked = next(r for r in legacy_rows if r["mode"] == "none" and r["domain"] == "facts")
+    other = next(qa.answer for qa in make_sample(cfg.seed, "test", 0, "facts").qas if qa.answer != asked["gold"])
+    assert asked["doc"] == "test-facts-0-0"
+    asked["answer"] = f"It is {other}."
+    fifth = run_eval(engine, dataclasses.replace(cfg, modes=("none",)), progress=False,
+                     reuse={**first, "rows": legacy_rows})
+    assert fifth["summary"]["none"]["wrong_answers"]["facts"]["other_fact"] == 1 + first["summary"]["none"][
+        "wrong_answers"]["facts"]["other_fact"]
 
     with pytest.raises(IncomparableEvaluationError, match="max_new_tokens"):
         run_eval(engine, dataclasses.replace(cfg, max_new_tokens=4), progress=False, reuse=first)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from d2l_memory.adapter import MemoryAdapter
 from d2l_memory.engine import MemoryEngine
 from d2l_memory.evaluation.distill import DistillConfig, context_distill
-from d2l_memory.evaluation.metrics import contains_match, exact_match, token_f1
+from d2l_memory.evaluation.metrics import contains_match, exact_match, states_other_fact, token_f1
 from d2l_memory.evaluation.rows import HYPERNET_FREE_MODES, MODES, is_short_doc, row_key, value_set
 from d2l_memory.chunking import span_texts
 from d2l_memory.config import GenerationConfig
@@ -140,7 +140,10 @@ def reusable_rows(
     if any(row_key(r) not in expected for r in rows):
         raise IncomparableEvaluationError(
             "the earlier evaluation has rows for documents or questions that this one does not")
-    return rows
+    # Results saved before rows recorded ``other_fact`` get it from the same documents here.
+    answers = {d.sample.sample_id: [qa.answer for qa in d.sample.qas] for d in docs}
+    return [r if "other_fact" in r else {**r, "other_fact": states_other_fact(r["answer"], r["gold"], answers[r["doc"]])}
+            for r in rows]
 
 
 def rag_context(engine: MemoryEngine, text: str, question: str, cfg: EvalConfig) -> str:
@@ -257,6 +260,7 @@ def _score(doc: Doc, qa: QA, mode: str, answer: str) -> dict[str, Any]:
         "value_class": qa.value_class, "open_value": qa.open_value, "distilled_doc": doc.in_distill_subset,
         "contains": contains_match(answer, qa.answer), "exact": exact_match(answer, qa.answer),
         "f1": token_f1(answer, qa.answer),
+        "other_fact": states_other_fact(answer, qa.answer, (q.answer for q in doc.sample.qas)),
     }  # fmt: skip
 
 
@@ -288,5 +292,17 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             "needle_by_length": _group([r for r in rows if r["domain"] == "needle"], lambda r: r["target_tokens"]),
             "needle_by_depth": _group([r for r in rows if r["domain"] == "needle"], lambda r: r["depth"]),
             "distill_subset": _group([r for r in rows if r["distilled_doc"]], lambda r: "subset"),
+            "wrong_answers": _wrong_answers(docs_rows),
         }
     return out
+
+
+def _wrong_answers(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per domain: questions, wrong answers, and wrong answers that state another fact of the document."""
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        cell = out.setdefault(r["domain"], {"n": 0, "wrong": 0, "other_fact": 0})
+        cell["n"] += 1
+        cell["wrong"] += not r["contains"]
+        cell["other_fact"] += bool(r.get("other_fact", False))
+    return dict(sorted(out.items()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
+from collections.abc import Iterable
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
@@ -19,6 +20,17 @@ def contains_match(prediction: str, gold: str) -> bool:
     """The gold answer appears in the prediction as whole words (after normalisation)."""
     g, p = normalise(gold), normalise(prediction)
     return bool(g) and f" {g} " in f" {p} "
+
+
+def states_other_fact(prediction: str, gold: str, document_answers: Iterable[str]) -> bool:
+    """A wrong answer that contains the answer to another question about the same document.
+
+    Separates "retrieved the wrong fact" (the value exists, the key was missed) from "produced a
+    value the document does not hold" (the value itself was not stored or copied)."""
+    if contains_match(prediction, gold):
+        return False
+    g = normalise(gold)
+    return any(normalise(other) != g and contains_match(prediction, other) for other in document_answers)
 
 
 def exact_match(prediction: str, gold: str) -> bool:

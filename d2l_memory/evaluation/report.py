@@ -59,6 +59,7 @@ def markdown(result: dict[str, Any], command: str, provenance: str = "") -> str:
             f"| {_pct(_get(s, mode, 'by_domain', 'conversation'))} "
             f"| {_pct(_get(s, mode, 'by_domain', 'tool'))} |"
         )
+    lines += _wrong_answer_table(s)
     lengths = sorted({k for m in NEEDLE_MODES for k in s.get(m, {}).get("needle_by_length", {})}, key=int)
     if lengths:
         lines += ["", "Needle in a haystack (essays; contains-match by the length in tokens each document was cut to, "
@@ -79,6 +80,21 @@ def markdown(result: dict[str, Any], command: str, provenance: str = "") -> str:
                   "n/a elsewhere, where it would be the adapter row."]
     lines += ["", *verdict(s)]
     return "\n".join(lines)
+
+
+def _wrong_answer_table(s: dict[str, Any]) -> list[str]:
+    domains = ("facts", "conversation", "tool")
+    modes = [m for m in SHORT_MODES if s.get(m, {}).get("wrong_answers")]
+    if not modes:
+        return []
+    lines = ["", "Wrong answers that state another fact of the same document (the answer to another question "
+             "about it) / all wrong answers, short documents: the rest hold a value the document does not.", "",
+             "| mode | facts | conversations | tool docs |", "|---|---|---|---|"]
+    for mode in modes:
+        cells = [s[mode]["wrong_answers"].get(d) for d in domains]
+        lines.append(f"| {mode} | " + " | ".join("n/a" if c is None else f"{c['other_fact']} / {c['wrong']}"
+                                                   for c in cells) + " |")
+    return lines
 
 
 def verdict(s: dict[str, Any]) -> list[str]:

@@ -26,11 +26,14 @@ def test_metrics() -> None:
 
 
 def test_a_wrong_answer_naming_another_fact_of_the_document_is_told_apart() -> None:
-    answers = ["Brakmoor", "1999", "teal", "Brakmoor"]
-    assert states_other_fact("She was born in 1999.", "Brakmoor", answers)
-    assert not states_other_fact("She lives in Brakmoor.", "Brakmoor", answers)  # right, not "other"
-    assert not states_other_fact("She was born in 1998.", "1999", answers)  # a value the document lacks
-    assert not states_other_fact("In Brakmoor.", "Brakmoor.", answers)  # the same fact asked twice
+    answers = ["Brakmoor", "1999", "teal", "Brakmoor", "Orvane Lisk"]
+    question = "Where does Orvane Lisk live?"
+    assert states_other_fact("She was born in 1999.", "Brakmoor", question, answers)
+    assert not states_other_fact("She lives in Brakmoor.", "Brakmoor", question, answers)  # right, not "other"
+    assert not states_other_fact("She was born in 1998.", "1999", question, answers)  # a value the document lacks
+    assert not states_other_fact("In Brakmoor.", "Brakmoor.", question, answers)  # the same fact asked twice
+    # Echoing the entity the question names is not recalling another fact.
+    assert not states_other_fact("Orvane Lisk lives far away.", "Brakmoor", question, answers)
 
 
 def test_probes_never_use_questions() -> None:
@@ -131,7 +134,8 @@ def test_a_second_checkpoint_can_reuse_the_hypernet_free_rows(
         assert fourth["summary"][mode] == first["summary"][mode], mode
     # ... and the completed field is computed, not defaulted: a saved answer naming another fact counts.
     asked = next(r for r in legacy_rows if r["mode"] == "none" and r["domain"] == "facts")
-    other = next(qa.answer for qa in make_sample(cfg.seed, "test", 0, "facts").qas if qa.answer != asked["gold"])
+    other = next(qa.answer for qa in make_sample(cfg.seed, "test", 0, "facts").qas
+                 if qa.answer != asked["gold"] and not contains_match(asked["question"], qa.answer))
     assert asked["doc"] == "test-facts-0-0"
     asked["answer"] = f"It is {other}."
     fifth = run_eval(engine, dataclasses.replace(cfg, modes=("none",)), progress=False,

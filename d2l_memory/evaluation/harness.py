@@ -142,7 +142,8 @@ def reusable_rows(
             "the earlier evaluation has rows for documents or questions that this one does not")
     # Results saved before rows recorded ``other_fact`` get it from the same documents here.
     answers = {d.sample.sample_id: [qa.answer for qa in d.sample.qas] for d in docs}
-    return [r if "other_fact" in r else {**r, "other_fact": states_other_fact(r["answer"], r["gold"], answers[r["doc"]])}
+    return [r if "other_fact" in r else
+            {**r, "other_fact": states_other_fact(r["answer"], r["gold"], r["question"], answers[r["doc"]])}
             for r in rows]
 
 
@@ -260,7 +261,7 @@ def _score(doc: Doc, qa: QA, mode: str, answer: str) -> dict[str, Any]:
         "value_class": qa.value_class, "open_value": qa.open_value, "distilled_doc": doc.in_distill_subset,
         "contains": contains_match(answer, qa.answer), "exact": exact_match(answer, qa.answer),
         "f1": token_f1(answer, qa.answer),
-        "other_fact": states_other_fact(answer, qa.answer, (q.answer for q in doc.sample.qas)),
+        "other_fact": states_other_fact(answer, qa.answer, qa.question, (q.answer for q in doc.sample.qas)),
     }  # fmt: skip
 
 

@@ -22,15 +22,19 @@ def contains_match(prediction: str, gold: str) -> bool:
     return bool(g) and f" {g} " in f" {p} "
 
 
-def states_other_fact(prediction: str, gold: str, document_answers: Iterable[str]) -> bool:
+def states_other_fact(prediction: str, gold: str, question: str, document_answers: Iterable[str]) -> bool:
     """A wrong answer that contains the answer to another question about the same document.
 
     Separates "retrieved the wrong fact" (the value exists, the key was missed) from "produced a
-    value the document does not hold" (the value itself was not stored or copied)."""
+    value the document does not hold" (the value itself was not stored or copied). Values the
+    question itself names do not count: echoing the asked-about entity is not recalling a fact."""
     if contains_match(prediction, gold):
         return False
     g = normalise(gold)
-    return any(normalise(other) != g and contains_match(prediction, other) for other in document_answers)
+    return any(
+        normalise(other) != g and contains_match(prediction, other) and not contains_match(question, other)
+        for other in document_answers
+    )
 
 
 def exact_match(prediction: str, gold: str) -> bool:

@@ -1,6 +1,6 @@
 """How much of an adapter belongs to its document? A diagnostic of a hypernetwork's single-chunk adapters.
 
-    python benchmarks/chunk_prior.py [--docs 8] [--hypernet DIR] [--out benchmarks/results]
+    python benchmarks/chunk_prior.py [--docs 8] [--hypernet DIR] [--out benchmarks/results] [--benchmarks]
 
 One single-chunk adapter per held-out document (``--docs`` each of facts, conversation and tool
 documentation; the first chunk where a document has more), then per target module, over the K
@@ -11,7 +11,8 @@ adapters ΔW_i = B_i A_i:
   that common part once per chunk.
 - ``A in r dirs`` / ``B in r dirs``: the share of the energy of all K·r rows of A (columns of B)
   inside their top r singular directions (r = rank per chunk). 1/K would mean K unrelated subspaces;
-  1 means every document reads (A) or writes (B) through the same r directions.
+  1 means every document reads (A) or writes (B) through the same r directions. ``in 1 dir``: the
+  same for the top direction alone (1 would mean every slot of every document is one direction).
 - ``same-slot |cos|``: mean |cosine| between rank slot s of one document and the same slot of
   another, for A and B; ``other-slot`` is the same for different slots, the baseline. High same-slot
   alignment in A means a slot fires on nearly the same inputs whatever the document.
@@ -32,12 +33,12 @@ from typing import Any
 import torch
 
 from d2l_memory import MemoryAdapter, MemoryEngine
-from d2l_memory.reporting import command_line
+from d2l_memory.reporting import command_line, replace_section, with_artifacts
 from d2l_memory.training.synth import make_sample
 
 logger = logging.getLogger("benchmarks.chunk_prior")
 DOMAINS = ("facts", "conversation", "tool")
-MEASURES = ("common_share", "a_top_r_share", "b_top_r_share", "a_same_slot_cos", "a_other_slot_cos",
+MEASURES = ("common_share", "a_top_1_share", "a_top_r_share", "b_top_1_share", "b_top_r_share", "a_same_slot_cos", "a_other_slot_cos",
             "b_same_slot_cos", "b_other_slot_cos")
 
 
@@ -67,7 +68,8 @@ def measure_module(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], r: int) -
     common = len(pairs) * delta.mean(0).pow(2).sum() / total if total > 0 else torch.tensor(float("nan"))
     a_same, a_other = slot_alignment(a)
     b_same, b_other = slot_alignment(b)
-    return {"common_share": float(common), "a_top_r_share": top_r_share(a.flatten(0, 1), r),
+    return {"common_share": float(common), "a_top_1_share": top_r_share(a.flatten(0, 1), 1),
+            "a_top_r_share": top_r_share(a.flatten(0, 1), r), "b_top_1_share": top_r_share(b.flatten(0, 1), 1),
             "b_top_r_share": top_r_share(b.flatten(0, 1), r), "a_same_slot_cos": a_same,
             "a_other_slot_cos": a_other, "b_same_slot_cos": b_same, "b_other_slot_cos": b_other}
 
@@ -96,10 +98,12 @@ def first_chunks(engine: MemoryEngine, docs_per_domain: int) -> tuple[list[Memor
 
 
 def markdown(result: dict[str, Any], command: str) -> str:
-    labels = {"common_share": "common share", "a_top_r_share": "A in r dirs", "b_top_r_share": "B in r dirs",
+    labels = {"common_share": "common share", "a_top_1_share": "A in 1 dir", "a_top_r_share": "A in r dirs",
+              "b_top_1_share": "B in 1 dir", "b_top_r_share": "B in r dirs",
               "a_same_slot_cos": "A same-slot abs cos", "a_other_slot_cos": "A other-slot abs cos",
               "b_same_slot_cos": "B same-slot abs cos", "b_other_slot_cos": "B other-slot abs cos"}
-    lines = [command_line(command, ""),
+    lines = ["## Adapter structure: what single-chunk adapters share across documents", "",
+             command_line(command, ""),
              f"Hypernetwork `{result['hypernet']}`; {result['adapters']} held-out documents, one chunk each, rank "
              f"{result['rank']}; {len(result['modules'])} target modules; {result['seconds']:.0f} s.", "",
              "| measure | mean | min | max |", "|---|---|---|---|"]
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=8, help="held-out documents per domain")
     parser.add_argument("--hypernet", default=None, help="checkpoint folder (default: the shipped one)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--benchmarks", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args(argv)
     if args.docs < 1:
         parser.error("--docs must be at least 1")
@@ -126,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "chunk_prior.json").write_text(json.dumps(result, indent=1))
     command = "python benchmarks/chunk_prior.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    print(markdown(result, command.strip()))
+    text = markdown(result, command.strip())
+    print(text)
+    if args.benchmarks:
+        replace_section(Path("BENCHMARKS.md"), "chunk-prior", with_artifacts(text, args.out / "chunk_prior.json"))
     return 0
 
 

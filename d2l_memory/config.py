@@ -61,8 +61,17 @@ class HypernetConfig:
     input space differs from layer to layer, and a head shared by all layers can only shift its output
     by a layer-dependent offset. The correction starts at zero, so a trained hypernetwork can grow it
     (``d2l_memory.training.grow``) and continue from the same function."""
+    key_gate: bool = False
+    """How keys enter A. ``False``: a learned sigmoid mix that starts mostly on the keys. ``True``: A
+    plus a per-layer gate times the key, the gate starting at zero, so that a network trained without
+    keys can grow the key path (``d2l_memory.training.grow``) and continue from the same function.
+    Needs ``encoder.target_keys``."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """Where the activations come from; the trained weights only fit this choice."""
+
+    def __post_init__(self) -> None:
+        if self.key_gate and not self.encoder.target_keys:
+            raise ValueError("key_gate needs keys: set the encoder's target_keys (TrainConfig.target_keys)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

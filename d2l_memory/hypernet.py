@@ -15,6 +15,7 @@ S = L · targets · r slots):
    - A mixes a learned projection with a *key*: the target module's own input at the pointed
      positions of that layer (centred over the chunk, scaled per feature). A key lives exactly in the
      space A acts on, so a slot fires when the student's state resembles the document's state there.
+     With ``key_gate`` the key is added through a per-layer gate that starts at zero instead.
    - Optional per-layer correction (``head_layer_rank``): a low-rank, layer-specific term added to
      the shared A and B projections, zero at initialisation.
    - Copy path (targets writing into the residual stream of a model with tied embeddings): B mixes
@@ -108,6 +109,9 @@ class LoraHead(nn.Module):
         self.scale_b = nn.Parameter(torch.zeros(n_layers, r))  # ΔW = 0 at initialisation
         self.key_scale = nn.Parameter(torch.ones(n_layers, target.d_in))
         self.key_mix = nn.Parameter(torch.full((n_layers, 1), 2.0))  # logit: keys first, learned A second
+        self.gated_keys = cfg.key_gate
+        if self.gated_keys:  # keys added through a gate that starts shut (a grown key path changes nothing)
+            self.key_gate = nn.Parameter(torch.zeros(n_layers, 1))
         self.layer_rank = cfg.head_layer_rank
         if self.layer_rank:
             k = self.layer_rank
@@ -146,8 +150,11 @@ class LoraHead(nn.Module):
             mean = (valid @ keys) / valid.sum(-1, keepdim=True)  # (N, L, 1, d_in)
             key = pointer.view(n, n_layers, r, t) @ keys - mean  # (N, L, r, d_in)
             key = F.normalize(key * self.key_scale[None, :, None, :], dim=-1)
-            mix = torch.sigmoid(self.key_mix)[None, :, :, None]  # (1, L, 1, 1)
-            a = F.normalize(mix * key + (1 - mix) * a, dim=-1)
+            if self.gated_keys:
+                a = F.normalize(a + self.key_gate[None, :, :, None] * key, dim=-1)
+            else:
+                mix = torch.sigmoid(self.key_mix)[None, :, :, None]  # (1, L, 1, 1)
+                a = F.normalize(mix * key + (1 - mix) * a, dim=-1)
         b = F.normalize(b_raw, dim=-1)
         if self.use_copy and token_embeds is not None:
             h = token_embeds.shape[-1]

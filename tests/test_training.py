@@ -249,6 +249,35 @@ def test_a_run_grows_a_per_layer_head_correction_only_at_a_warm_restart(tmp_path
     assert Trainer(tiny_config(tmp_path / "run", steps=6, hypernet=grown_settings), base=base).step == 5  # plain resume
 
 
+def test_a_run_trained_without_keys_grows_a_gated_key_path(tmp_path: Path) -> None:
+    base = tiny_base()
+    settings = {"width": 32, "n_heads": 2, "n_blocks": 1, "proj_hidden": 64}
+    Trainer(tiny_config(tmp_path / "run", steps=3, target_keys=False), base=base).run(progress=False)
+    with pytest.raises(ValueError, match="key_gate needs keys"):
+        Trainer(tiny_config(tmp_path / "run", steps=5, schedule_start=3, target_keys=False,
+                            hypernet={**settings, "key_gate": True}), base=base)
+
+    old = Trainer(tiny_config(tmp_path / "run", steps=3, target_keys=False), base=base)
+    keyed = {"target_keys": True, "hypernet": {**settings, "key_gate": True}}
+    grown = Trainer(tiny_config(tmp_path / "run", steps=5, schedule_start=3, **keyed), base=base)
+    assert grown.hypernet.cfg.key_gate and grown.hypernet.cfg.encoder.target_keys and not grown.optimizer.state
+    batch = grown.microbatch(3, 0)
+    with torch.no_grad():
+        before = run_hypernet(base.model, old.hypernet, batch.chunks)
+        after = run_hypernet(base.model, grown.hypernet, batch.chunks)
+    # The grown network now reads keys, and with its gates shut it makes the adapters it made before.
+    assert all(torch.allclose(x, y, atol=1e-6) for name in before for x, y in zip(before[name], after[name]))
+
+    grown.run(progress=False)
+    saved = _weights(tmp_path / "run")
+    assert any(k.endswith("key_gate") and v.abs().sum() > 0 for k, v in saved.items())  # the gates opened
+
+    # A network that already mixes keys into A cannot switch to the gate: that would change it.
+    Trainer(tiny_config(tmp_path / "keyed", steps=2, target_keys=True), base=base).run(progress=False)
+    with pytest.raises(ValueError, match="already mixes keys"):
+        Trainer(tiny_config(tmp_path / "keyed", steps=4, schedule_start=2, **keyed), base=base)
+
+
 def test_export_writes_a_cast_checkpoint_the_engine_loads(tmp_path: Path) -> None:
     from d2l_memory.checkpoint import load_hypernet
     from d2l_memory.training.export import export_checkpoint

@@ -13,14 +13,21 @@ import torch
 from d2l_memory.config import HypernetConfig
 from d2l_memory.hypernet import HyperLoRA
 
-GROWABLE_FIELDS = ("head_layer_rank",)
-"""HypernetConfig fields that may go from 0 to a positive value on a trained network."""
+GROWABLE_FIELDS = ("head_layer_rank", "key_gate")
+"""HypernetConfig fields that may go from 0 (or False) to a positive value (or True) on a trained network.
+Growing ``key_gate`` also turns on the encoder's ``target_keys``, the keys the gate lets in."""
 
 
 def grown_hypernet(trained: HyperLoRA, config: HypernetConfig, seed: int) -> HyperLoRA:
     """``trained`` with the components ``config`` adds; raises ValueError if ``config`` is not a pure growth."""
     before = trained.cfg
-    as_before = dataclasses.replace(config, **{name: getattr(before, name) for name in GROWABLE_FIELDS})
+    kept = {name: getattr(before, name) for name in GROWABLE_FIELDS}
+    if config.key_gate and not before.key_gate:
+        if before.encoder.target_keys:
+            raise ValueError("the saved hypernetwork already mixes keys into A; a key gate would change what it "
+                             "learned (grow key_gate only into a network trained without keys)")
+        kept["encoder"] = dataclasses.replace(config.encoder, target_keys=before.encoder.target_keys)
+    as_before = dataclasses.replace(config, **kept)
     if as_before != before:
         changed = [f.name for f in dataclasses.fields(before) if getattr(before, f.name) != getattr(config, f.name)]
         raise ValueError(
@@ -28,7 +35,7 @@ def grown_hypernet(trained: HyperLoRA, config: HypernetConfig, seed: int) -> Hyp
             "can be added to a trained network (start a new run for other changes)"
         )
     for name in GROWABLE_FIELDS:
-        if getattr(before, name) not in (0, getattr(config, name)):
+        if getattr(before, name) not in (0, False, getattr(config, name)):
             raise ValueError(
                 f"{name} can only grow from 0 (saved {getattr(before, name)}, configured {getattr(config, name)})"
             )

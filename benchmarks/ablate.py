@@ -15,6 +15,11 @@ spec, the fact documents are scored again with k documents' adapters concatenate
 question's document among k - 1 others; wrong: k other documents), the way a long document's chunks
 are combined. ``--score-run`` adds a saved run (e.g. the shipped one) as a reference row, with its
 encoder pass in fp32 or bf16.
+
+A variant with ``"warm_start": STATE_DIR`` (a committed training state) instead continues that state
+for ``"warm_steps"`` steps as a warm restart, on the training config ``"config"`` (a JSON file, e.g. the
+shipped run's) plus the variant's other overrides: a recipe change measured on the trained network,
+against a control variant that continues the same state unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import statistics
 import sys
 from collections.abc import Sequence
@@ -41,13 +47,40 @@ logger = logging.getLogger("benchmarks.ablate")
 ROOT = Path("runs/ablations")
 
 
+WARM_KEYS = ("warm_start", "warm_steps", "config")
+"""Variant keys that say where a warm-start variant starts, not how it trains."""
+
+
+def state_step(state_dir: Path) -> int:
+    return int(json.loads((state_dir / TRAINER_FILE).read_text())["step"])
+
+
 def variant_config(spec: dict[str, Any], name: str, root: Path = ROOT) -> TrainConfig:
     if name not in spec["variants"]:
         raise SystemExit(f"unknown variant {name!r}; the spec has {sorted(spec['variants'])}")
-    data = {**spec["base"], **spec["variants"][name], "steps": spec["steps"], "schedule_start": 0}
+    variant = spec["variants"][name]
+    overrides = {k: v for k, v in variant.items() if k not in WARM_KEYS}
+    if "warm_start" in variant:
+        start = state_step(Path(variant["warm_start"]) / "state")
+        data = {**json.loads(Path(variant["config"]).read_text()), **overrides,
+                "steps": start + variant["warm_steps"], "schedule_start": start}
+        data["eval_every"] = variant["warm_steps"]
+    else:
+        data = {**spec["base"], **overrides, "steps": spec["steps"], "schedule_start": 0}
+        data["eval_every"] = spec["steps"]  # the run's own held-out check once, at the end
     data["out_dir"] = str(root / name)
-    data["eval_every"] = spec["steps"]  # the run's own held-out check once, at the end
     return TrainConfig.from_dict(data)
+
+
+def start_from_warm_state(spec: dict[str, Any], name: str, cfg: TrainConfig) -> int:
+    """Copy a warm-start variant's committed state into its run folder (once); the step it starts at."""
+    source = spec["variants"][name].get("warm_start")
+    if source is None:
+        return 0
+    out = Path(cfg.out_dir)
+    if latest_state_dir(out) is None:
+        shutil.copytree(source, out, dirs_exist_ok=True)
+    return state_step(Path(source) / "state")
 
 
 def score_set(spec: dict[str, Any], seed: int) -> dict[str, list]:
@@ -98,8 +131,9 @@ def score(trainer: Trainer, spec: dict[str, Any], encoder_autocast: torch.dtype 
     return result
 
 
-def step_times(run_dir: Path) -> dict[str, float]:
+def step_times(run_dir: Path, after_step: int = 0) -> dict[str, float]:
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    log = [r for r in log if r["step"] > after_step]  # a warm start's copied log is not this run's
     return {"median_step_seconds": statistics.median(r["seconds"] for r in log),
             "step_hours": sum(r["seconds"] for r in log) / 3600}
 
@@ -107,10 +141,11 @@ def step_times(run_dir: Path) -> dict[str, float]:
 def run_variant(spec: dict[str, Any], name: str, root: Path = ROOT,
                 base: LoadedBaseModel | None = None) -> dict[str, Any]:
     cfg = variant_config(spec, name, root)
+    start = start_from_warm_state(spec, name, cfg)
     trainer = Trainer(cfg, base=base)
     trainer.run(progress=sys.stderr.isatty())
     result = {"variant": name, "overrides": spec["variants"][name], "steps": trainer.step,
-              **step_times(Path(cfg.out_dir)), "scores": score(trainer, spec)}
+              **step_times(Path(cfg.out_dir), after_step=start), "scores": score(trainer, spec)}
     (Path(cfg.out_dir) / "score.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -124,7 +159,7 @@ def score_saved_run(spec: dict[str, Any], run_dir: Path, name: str, encoder_auto
     state_dir = latest_state_dir(run_dir)
     if state_dir is None:
         raise SystemExit(f"{run_dir} holds no training state to score")
-    step = json.loads((state_dir / TRAINER_FILE).read_text())["step"]
+    step = state_step(state_dir)
     cfg = dataclasses.replace(saved, out_dir=str(run_dir), threads=spec["base"].get("threads"),
                               schedule_start=step, steps=max(saved.steps, step + 1))
     trainer = Trainer(cfg, base=base)
@@ -151,7 +186,8 @@ def report(spec: dict[str, Any], root: Path = ROOT, committed: Sequence[dict[str
     results = scored(spec, root, committed)
     groups = sorted({g for r in results for g in r["scores"] if g != "positions"}, key=lambda g: (g.split(",")[0], g))
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
-    lines = [f"Variants: {spec['steps']} steps from scratch each. Every row is scored teacher-forced on the same "
+    lines = [f"Variants: {spec['steps']} steps from scratch each, except those with a warm_start (its steps "
+             "continue that state). Every row is scored teacher-forced on the same "
              + ", ".join(f"{n} held-out {d} documents" for d, n in spec["score"].items())
              + ". Cells: answer-token accuracy own / wrong adapter (exact answers own / wrong), %.", "",
              "| variant | overrides | steps | s/step (median) | " + " | ".join(groups) + " |",

@@ -124,3 +124,28 @@ def test_combined_scores_appear_as_their_own_group(tmp_path: Path) -> None:
     scores = ablate.score(trainer, spec)
     # 4 fact documents make one group of 2 + 2: every question is scored once more, combined.
     assert scores["facts, 1 of 2 memories"]["n"] == scores["facts"]["n"] > 0
+
+
+def test_a_warm_start_variant_continues_a_saved_state_and_leaves_it_untouched(tmp_path: Path) -> None:
+    import json
+
+    ablate = load_benchmark("ablate")
+    spec = tiny_spec()
+    base = tiny_base()
+    ablate.run_variant(spec, "plain", root=tmp_path, base=base)  # a saved state at step 3
+    saved = tmp_path / "plain"
+    saved_log = (saved / "log.jsonl").read_text()
+    config = tmp_path / "run_config.json"
+    config.write_text(json.dumps({**spec["base"], "out_dir": "unused", "steps": 3}))
+    spec["variants"]["continued"] = {"warm_start": str(saved), "warm_steps": 2, "config": str(config),
+                                     "questions_per_doc": 1}
+    cfg = ablate.variant_config(spec, "continued", root=tmp_path)
+    assert (cfg.steps, cfg.schedule_start, cfg.questions_per_doc) == (5, 3, 1)
+    result = ablate.run_variant(spec, "continued", root=tmp_path, base=base)
+    assert result["steps"] == 5 and result["scores"]["facts"]["n"] > 0
+    log = [json.loads(line) for line in (tmp_path / "continued" / "log.jsonl").read_text().splitlines()]
+    new_steps = [r["seconds"] for r in log if r["step"] > 3]
+    assert len(new_steps) == 2 and result["step_hours"] == pytest.approx(sum(new_steps) / 3600)
+    assert (saved / "log.jsonl").read_text() == saved_log  # the source state is copied, never written
+    assert ablate.state_step(saved / "state") == 3
+    assert "| continued | warm_start=" in ablate.report(spec, root=tmp_path)

@@ -21,10 +21,7 @@ adapters ΔW_i = B_i A_i:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shlex
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +30,7 @@ from typing import Any
 import torch
 
 from d2l_memory import MemoryAdapter, MemoryEngine
-from d2l_memory.reporting import command_line, replace_section, with_artifacts
+from d2l_memory.reporting import command_line, save_results, script_command
 from d2l_memory.training.synth import make_sample
 
 logger = logging.getLogger("benchmarks.chunk_prior")
@@ -128,13 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     adapters, ids = first_chunks(engine, args.docs)
     result = {"hypernet": engine.hypernet_id, "documents": ids, **measure(adapters),
               "seconds": time.perf_counter() - started}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "chunk_prior.json").write_text(json.dumps(result, indent=1))
-    command = "python benchmarks/chunk_prior.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    text = markdown(result, command.strip())
+    text = markdown(result, script_command("chunk_prior.py", argv))
     print(text)
-    if args.benchmarks:
-        replace_section(Path("BENCHMARKS.md"), "chunk-prior", with_artifacts(text, args.out / "chunk_prior.json"))
+    save_results(result, args.out / "chunk_prior.json", text, "chunk-prior" if args.benchmarks else None)
     return 0
 
 

@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import random
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +31,7 @@ from d2l_store import AdapterStore
 from d2l_memory import MemoryEngine, MemoryProvider, ProviderConfig, Scope
 from d2l_memory.evaluation.metrics import contains_match
 from d2l_memory.generation import context_window
-from d2l_memory.reporting import command_line, replace_section, with_artifacts
+from d2l_memory.reporting import command_line, save_results, script_command
 from d2l_memory.training.synth import long_conversation
 
 logger = logging.getLogger("benchmarks.compaction")
@@ -124,13 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     engine = MemoryEngine.from_pretrained(hypernet=args.hypernet)
     result = run(engine, args.conversations, args.chunks)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compaction.json").write_text(json.dumps(result, indent=1))
-    command = "python benchmarks/compaction.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    text = markdown(result, command.strip())
+    text = markdown(result, script_command("compaction.py", argv))
     print(text)
-    if args.benchmarks:
-        replace_section(Path("BENCHMARKS.md"), "compaction", with_artifacts(text, args.out / "compaction.json"))
+    save_results(result, args.out / "compaction.json", text, "compaction" if args.benchmarks else None)
     return 0
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shlex
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +49,17 @@ def save_figure(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def script_command(script: str, argv: Sequence[str] | None) -> str:
+    """How a benchmarks/ script was invoked, for its results' "Command:" line."""
+    return f"python benchmarks/{script} {shlex.join(argv if argv is not None else sys.argv[1:])}".strip()
+
+
+def save_results(result: dict[str, Any], raw: Path, text: str, section: str | None = None) -> None:
+    """Write a script's raw results as JSON and, given a ``section``, its markdown into BENCHMARKS.md
+    (followed by the raw file's path)."""
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(result, indent=1))
+    if section:
+        replace_section(Path("BENCHMARKS.md"), section, with_artifacts(text, raw))

@@ -66,6 +66,9 @@ class HypernetConfig:
     plus a per-layer gate times the key, the gate starting at zero, so that a network trained without
     keys can grow the key path (``d2l_memory.training.grow``) and continue from the same function.
     Needs ``encoder.target_keys``."""
+    key_gate_scale: float = 1.0
+    """The gate is this times its parameter. AdamW moves a parameter by about the learning rate per
+    step, so a gate that must reach ~1 from 0 opens within a short warm restart only when scaled."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """Where the activations come from; the trained weights only fit this choice."""
 

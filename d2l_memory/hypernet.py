@@ -110,6 +110,7 @@ class LoraHead(nn.Module):
         self.key_scale = nn.Parameter(torch.ones(n_layers, target.d_in))
         self.key_mix = nn.Parameter(torch.full((n_layers, 1), 2.0))  # logit: keys first, learned A second
         self.gated_keys = cfg.key_gate
+        self.key_gate_scale = cfg.key_gate_scale
         if self.gated_keys:  # keys added through a gate that starts shut (a grown key path changes nothing)
             self.key_gate = nn.Parameter(torch.zeros(n_layers, 1))
         self.layer_rank = cfg.head_layer_rank
@@ -151,7 +152,7 @@ class LoraHead(nn.Module):
             key = pointer.view(n, n_layers, r, t) @ keys - mean  # (N, L, r, d_in)
             key = F.normalize(key * self.key_scale[None, :, None, :], dim=-1)
             if self.gated_keys:
-                a = F.normalize(a + self.key_gate[None, :, :, None] * key, dim=-1)
+                a = F.normalize(a + (self.key_gate_scale * self.key_gate)[None, :, :, None] * key, dim=-1)
             else:
                 mix = torch.sigmoid(self.key_mix)[None, :, :, None]  # (1, L, 1, 1)
                 a = F.normalize(mix * key + (1 - mix) * a, dim=-1)

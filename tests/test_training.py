@@ -258,7 +258,7 @@ def test_a_run_trained_without_keys_grows_a_gated_key_path(tmp_path: Path) -> No
                             hypernet={**settings, "key_gate": True}), base=base)
 
     old = Trainer(tiny_config(tmp_path / "run", steps=3, target_keys=False), base=base)
-    keyed = {"target_keys": True, "hypernet": {**settings, "key_gate": True}}
+    keyed = {"target_keys": True, "hypernet": {**settings, "key_gate": True, "key_gate_scale": 30.0}}
     grown = Trainer(tiny_config(tmp_path / "run", steps=5, schedule_start=3, **keyed), base=base)
     assert grown.hypernet.cfg.key_gate and grown.hypernet.cfg.encoder.target_keys and not grown.optimizer.state
     batch = grown.microbatch(3, 0)

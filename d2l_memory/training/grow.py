@@ -27,6 +27,7 @@ def grown_hypernet(trained: HyperLoRA, config: HypernetConfig, seed: int) -> Hyp
             raise ValueError("the saved hypernetwork already mixes keys into A; a key gate would change what it "
                              "learned (grow key_gate only into a network trained without keys)")
         kept["encoder"] = dataclasses.replace(config.encoder, target_keys=before.encoder.target_keys)
+        kept["key_gate_scale"] = before.key_gate_scale  # the gate is new, so may its scale be
     as_before = dataclasses.replace(config, **kept)
     if as_before != before:
         changed = [f.name for f in dataclasses.fields(before) if getattr(before, f.name) != getattr(config, f.name)]

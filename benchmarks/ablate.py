@@ -72,15 +72,11 @@ def variant_config(spec: dict[str, Any], name: str, root: Path = ROOT) -> TrainC
     return TrainConfig.from_dict(data)
 
 
-def start_from_warm_state(spec: dict[str, Any], name: str, cfg: TrainConfig) -> int:
-    """Copy a warm-start variant's committed state into its run folder (once); the step it starts at."""
+def copy_warm_state(spec: dict[str, Any], name: str, cfg: TrainConfig) -> None:
+    """Copy a warm-start variant's committed state into its run folder (once: a killed run resumes)."""
     source = spec["variants"][name].get("warm_start")
-    if source is None:
-        return 0
-    out = Path(cfg.out_dir)
-    if latest_state_dir(out) is None:
-        shutil.copytree(source, out, dirs_exist_ok=True)
-    return state_step(Path(source) / "state")
+    if source is not None and latest_state_dir(Path(cfg.out_dir)) is None:
+        shutil.copytree(source, cfg.out_dir, dirs_exist_ok=True)
 
 
 def score_set(spec: dict[str, Any], seed: int) -> dict[str, list]:
@@ -141,11 +137,11 @@ def step_times(run_dir: Path, after_step: int = 0) -> dict[str, float]:
 def run_variant(spec: dict[str, Any], name: str, root: Path = ROOT,
                 base: LoadedBaseModel | None = None) -> dict[str, Any]:
     cfg = variant_config(spec, name, root)
-    start = start_from_warm_state(spec, name, cfg)
+    copy_warm_state(spec, name, cfg)
     trainer = Trainer(cfg, base=base)
     trainer.run(progress=sys.stderr.isatty())
     result = {"variant": name, "overrides": spec["variants"][name], "steps": trainer.step,
-              **step_times(Path(cfg.out_dir), after_step=start), "scores": score(trainer, spec)}
+              **step_times(Path(cfg.out_dir), after_step=cfg.schedule_start), "scores": score(trainer, spec)}
     (Path(cfg.out_dir) / "score.json").write_text(json.dumps(result, indent=2))
     return result
 

@@ -305,5 +305,5 @@ def _wrong_answers(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
         cell = out.setdefault(r["domain"], {"n": 0, "wrong": 0, "other_fact": 0})
         cell["n"] += 1
         cell["wrong"] += not r["contains"]
-        cell["other_fact"] += bool(r.get("other_fact", False))
+        cell["other_fact"] += r["other_fact"]
     return dict(sorted(out.items()))

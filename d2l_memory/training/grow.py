@@ -36,7 +36,7 @@ def grown_hypernet(trained: HyperLoRA, config: HypernetConfig, seed: int) -> Hyp
             "can be added to a trained network (start a new run for other changes)"
         )
     for name in GROWABLE_FIELDS:
-        if getattr(before, name) not in (0, False, getattr(config, name)):
+        if getattr(before, name) not in (0, getattr(config, name)):  # False == 0
             raise ValueError(
                 f"{name} can only grow from 0 (saved {getattr(before, name)}, configured {getattr(config, name)})"
             )

@@ -47,7 +47,7 @@ def run(engine: MemoryEngine, conversations: int, chunk_budgets: list[int]) -> d
     with tempfile.TemporaryDirectory() as tmp:
         store = AdapterStore.open(f"sqlite:///{tmp}/index.db", Path(tmp) / "blobs")
         provider = MemoryProvider(engine, store, dataclasses.replace(CONFIG, rank_budget=EVERY_CHUNK))
-        rank = engine.hypernet.cfg.rank
+        rank = engine.hypernet.cfg.rank_per_chunk
         budgeted = {k: MemoryProvider(engine, store, dataclasses.replace(CONFIG, rank_budget=k * rank))
                     for k in chunk_budgets}
         for c in range(conversations):

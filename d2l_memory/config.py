@@ -69,12 +69,26 @@ class HypernetConfig:
     key_gate_scale: float = 1.0
     """The gate is this times its parameter. AdamW moves a parameter by about the learning rate per
     step, so a gate that must reach ~1 from 0 opens within a short warm restart only when scaled."""
+    key_copy: bool = False
+    """Give every copy slot a second rank-1 component: A is the pointed key (the target's own input at
+    the pointed chunk token), B the embedding of the token after it, "in the state the document was in
+    here, say what came next". Its per-(layer, slot) scale starts at zero, so a network trained
+    without keys can grow it (``d2l_memory.training.grow``). With it, keys reach the shared A only
+    through ``key_gate``. The adapter's rank per chunk doubles. Needs ``encoder.target_keys``."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """Where the activations come from; the trained weights only fit this choice."""
 
     def __post_init__(self) -> None:
-        if self.key_gate and not self.encoder.target_keys:
-            raise ValueError("key_gate needs keys: set the encoder's target_keys (TrainConfig.target_keys)")
+        for name in ("key_gate", "key_copy"):
+            if getattr(self, name) and not self.encoder.target_keys:
+                raise ValueError(f"{name} needs keys: set the encoder's target_keys (TrainConfig.target_keys)")
+        if self.key_copy and not self.copy_path:
+            raise ValueError("key_copy writes token embeddings: it needs copy_path")
+
+    @property
+    def rank_per_chunk(self) -> int:
+        """Rank of the adapter one chunk makes, per target module."""
+        return 2 * self.rank if self.key_copy else self.rank
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

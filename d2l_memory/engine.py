@@ -222,7 +222,7 @@ class MemoryEngine:
     def _adapter(self, weights: dict, spans: Sequence[tuple[int, int]]) -> MemoryAdapter:
         return MemoryAdapter(
             weights={k: (a.clone(), b.clone()) for k, (a, b) in weights.items()},
-            rank_per_chunk=self.hypernet.cfg.rank,
+            rank_per_chunk=self.hypernet.cfg.rank_per_chunk,
             chunk_spans=tuple(spans),
             base_model=self.base_model_id,
             hypernet=self.hypernet_id,

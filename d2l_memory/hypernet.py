@@ -22,6 +22,9 @@ S = L · targets · r slots):
      a learned projection with the input embeddings of the pointed tokens and of the tokens right
      after them. Since the output head shares those embeddings, a slot can store "in this state, say
      that token" for tokens never seen in training, which a plain linear head cannot.
+   - Optional key copy (``key_copy``): each slot adds a second rank-1 component whose A is the
+     pointed key and whose B is the embedding of the token after the pointed one, so "this state"
+     comes from the document as well, not only "that token".
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from torch import nn
 from d2l_memory.config import HypernetConfig, TargetSpec
 
 HyperOutput = dict[str, tuple[torch.Tensor, torch.Tensor]]
-"""Target name → (A (N, L, r, d_in), B (N, L, d_out, r))."""
+"""Target name → (A (N, L, r', d_in), B (N, L, d_out, r')), r' = HypernetConfig.rank_per_chunk."""
 
 
 class SwiGLU(nn.Module):
@@ -122,6 +125,12 @@ class LoraHead(nn.Module):
         if use_copy:
             self.copy_gate = nn.Linear(2 * w, 2)  # mix of (pointed token, next token) embeddings
             self.copy_mix = nn.Parameter(torch.zeros(n_layers, 1))  # logit of copy vs learned B
+        self.key_copy = cfg.key_copy
+        if self.key_copy:
+            if not use_copy:
+                raise ValueError(f"key_copy needs every target to write into the residual stream; {target.name} "
+                                 f"writes {target.d_out} features, not {cfg.base_hidden_size}")
+            self.scale_key_copy = nn.Parameter(torch.zeros(n_layers, r))  # zero: grows from a trained head
 
     def forward(
         self,
@@ -153,10 +162,13 @@ class LoraHead(nn.Module):
             key = F.normalize(key * self.key_scale[None, :, None, :], dim=-1)
             if self.gated_keys:
                 a = F.normalize(a + (self.key_gate_scale * self.key_gate)[None, :, :, None] * key, dim=-1)
-            else:
+            elif not self.key_copy:  # with key_copy, keys reach the shared A only through the gate
                 mix = torch.sigmoid(self.key_mix)[None, :, :, None]  # (1, L, 1, 1)
                 a = F.normalize(mix * key + (1 - mix) * a, dim=-1)
+        elif self.key_copy:
+            raise ValueError("this hypernetwork's key_copy needs the encoder's target keys")
         b = F.normalize(b_raw, dim=-1)
+        picked = None
         if self.use_copy and token_embeds is not None:
             h = token_embeds.shape[-1]
             gate = self.copy_gate(z).softmax(-1)  # (N, L, r, 2)
@@ -168,7 +180,14 @@ class LoraHead(nn.Module):
         root_alpha = math.sqrt(self.alpha)
         a = a * (self.scale_a * root_alpha)[None, :, :, None]
         b = b * (self.scale_b * root_alpha)[None, :, :, None]
-        return a, b.transpose(2, 3)  # (N, L, r, d_in), (N, L, d_out, r)
+        if self.key_copy:
+            if picked is None:
+                raise ValueError("key_copy needs a base model with tied input and output embeddings")
+            # Second component per slot: the document's state at the pointed token → the token after it.
+            next_token = F.normalize(picked[:, :, :, 1], dim=-1)  # (N, L, r, H)
+            a = torch.cat([a, key * root_alpha], 2)
+            b = torch.cat([b, next_token * (self.scale_key_copy * root_alpha)[None, :, :, None]], 2)
+        return a, b.transpose(2, 3)  # (N, L, r', d_in), (N, L, d_out, r'), r' = cfg.rank_per_chunk
 
 
 class HyperLoRA(nn.Module):

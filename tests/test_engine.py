@@ -31,6 +31,22 @@ def test_internalize_makes_one_rank_slice_per_chunk(engine: MemoryEngine) -> Non
     assert memory.chunk_spans[0][0] == 0 and memory.chunk_spans[-1][1] == n_tokens
 
 
+def test_key_copy_memories_carry_twice_the_rank_and_answer(tmp_path: Path) -> None:
+    engine = tiny_engine(key_copy=True)
+    with torch.no_grad():
+        engine.hypernet.heads["mlp__down_proj"].scale_key_copy.fill_(0.5)
+    memory = engine.internalize(DOC)
+    assert memory.rank_per_chunk == 8 and memory.rank == memory.n_chunks * 8
+    _, b = memory.weights["model.layers.0.mlp.down_proj"]
+    assert torch.count_nonzero(b[:, 4:8]) > 0  # the first chunk's key-copy columns write something
+    question = "Where does Alice live?"
+    assert engine.generate(question, memory=memory) != engine.generate(question)
+    save_hypernet(tmp_path / "hn", engine.hypernet, base_model_name="tiny", base_model_fingerprint="fp")
+    loaded, meta = load_hypernet(tmp_path / "hn")
+    assert meta.config.key_copy and meta.config.rank_per_chunk == 8
+    assert torch.equal(loaded.heads["mlp__down_proj"].scale_key_copy, engine.hypernet.heads["mlp__down_proj"].scale_key_copy)
+
+
 def test_chunk_batching_does_not_change_adapters() -> None:
     one_by_one, together = tiny_engine(), tiny_engine()
     one_by_one.chunk_batch_size = 1

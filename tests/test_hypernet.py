@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from d2l_memory import EncoderConfig, HypernetConfig, TargetSpec
@@ -130,3 +131,54 @@ def test_per_layer_head_correction_starts_at_zero_and_learns_per_layer() -> None
     (a[:, 0].sum() + b[:, 0].sum()).backward()  # a loss on layer 0 alone
     up_a = corrected.heads["mlp__down_proj"].layer_up_a.grad
     assert up_a[0].abs().sum() > 0 and up_a[1:].abs().sum() == 0  # each layer has its own correction
+
+
+def test_key_copy_adds_a_zero_scaled_component_that_writes_the_next_pointed_token() -> None:
+    model = tiny_model()
+    keyed = EncoderConfig(target_keys=True)
+    plain_cfg = tiny_hypernet_config(model, encoder=EncoderConfig(target_keys=False))
+    torch.manual_seed(0)
+    plain = HyperLoRA(plain_cfg)
+    copying = HyperLoRA(dataclasses.replace(plain_cfg, key_copy=True, encoder=keyed))
+    missing, unexpected = copying.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and [m.rsplit(".", 1)[-1] for m in missing] == ["scale_key_copy"]
+    with torch.no_grad():
+        for net in (plain, copying):
+            net.heads["mlp__down_proj"].scale_b.fill_(1.0)
+    chunks = chunk_ids(["Alice lives in Paris.", "Bob likes teal and works as a baker."])
+    a0, b0 = run_hypernet(model, plain, chunks)["mlp.down_proj"]
+    a1, b1 = run_hypernet(model, copying, chunks)["mlp.down_proj"]
+    r = plain_cfg.rank
+    assert copying.cfg.rank_per_chunk == 2 * r and a1.shape[2] == 2 * r and b1.shape[3] == 2 * r
+    # Shared A stays key-free, and the new components start with zero B: the same ΔW as before.
+    assert torch.equal(a1[:, :, :r], a0) and torch.equal(b1[..., :r], b0) and torch.count_nonzero(b1[..., r:]) == 0
+    torch.testing.assert_close(b1 @ a1, b0 @ a0)
+
+    head = copying.heads["mlp__down_proj"]
+    with torch.no_grad():
+        head.scale_key_copy.fill_(1.0)
+    # In a two-token chunk only the first token has a successor, so every new B column must be the
+    # second token's embedding, whatever the pointer does: the component writes token t+1, not t.
+    first, second = chunk_ids(["Alice Paris"])[0][:2]
+    a1, b1 = run_hypernet(model, copying, [[first, second]])["mlp.down_proj"]
+    embedding = model.get_input_embeddings().weight[second]
+    expected = (embedding / embedding.norm() * head.alpha**0.5).detach()
+    torch.testing.assert_close(b1[0, :, :, r:], expected[None, :, None].expand_as(b1[0, :, :, r:]))
+    b1[..., r:].sum().backward()
+    assert head.scale_key_copy.grad is not None and head.scale_key_copy.grad.abs().sum() > 0
+
+
+def test_key_copy_needs_keys_residual_targets_and_tied_embeddings() -> None:
+    model = tiny_model()
+    with pytest.raises(ValueError, match="key_copy needs keys"):
+        tiny_hypernet_config(model, key_copy=True, encoder=EncoderConfig(target_keys=False))
+    from d2l_memory.engine import default_hypernet_config
+
+    cfg = default_hypernet_config(model, ("mlp.down_proj", "mlp.gate_proj"), 2, width=32, n_heads=2, n_blocks=1,
+                                  proj_hidden=64, key_copy=True)
+    with pytest.raises(ValueError, match="residual stream; mlp.gate_proj"):
+        HyperLoRA(cfg)
+    untied = tiny_model(tie=False)
+    net = HyperLoRA(tiny_hypernet_config(untied, key_copy=True))
+    with pytest.raises(ValueError, match="tied input and output embeddings"):
+        run_hypernet(untied, net, chunk_ids(["Alice lives in Paris."]))

@@ -278,6 +278,30 @@ def test_a_run_trained_without_keys_grows_a_gated_key_path(tmp_path: Path) -> No
         Trainer(tiny_config(tmp_path / "keyed", steps=4, schedule_start=2, **keyed), base=base)
 
 
+def test_a_run_trained_without_keys_grows_key_copy_components(tmp_path: Path) -> None:
+    base = tiny_base()
+    settings = {"width": 32, "n_heads": 2, "n_blocks": 1, "proj_hidden": 64}
+    Trainer(tiny_config(tmp_path / "run", steps=3, target_keys=False), base=base).run(progress=False)
+    old = Trainer(tiny_config(tmp_path / "run", steps=3, target_keys=False), base=base)
+    copying = {"target_keys": True, "hypernet": {**settings, "key_copy": True}}
+    grown = Trainer(tiny_config(tmp_path / "run", steps=5, schedule_start=3, **copying), base=base)
+    assert grown.hypernet.cfg.key_copy and grown.hypernet.cfg.encoder.target_keys and not grown.optimizer.state
+    batch = grown.microbatch(3, 0)
+    with torch.no_grad():
+        before = run_hypernet(base.model, old.hypernet, batch.chunks)["mlp.down_proj"]
+        after = run_hypernet(base.model, grown.hypernet, batch.chunks)["mlp.down_proj"]
+    # Twice the rank, and the same ΔW: the new components start with a zero B.
+    assert after[0].shape[2] == 2 * before[0].shape[2]
+    torch.testing.assert_close(after[1] @ after[0], before[1] @ before[0])
+
+    grown.run(progress=False)
+    saved = _weights(tmp_path / "run")
+    assert saved["heads.mlp__down_proj.scale_key_copy"].abs().sum() > 0  # the new components trained
+    with pytest.raises(ValueError, match="key_copy can only grow from 0"):
+        Trainer(tiny_config(tmp_path / "run", steps=6, schedule_start=5, target_keys=True, hypernet=settings),
+                base=base)  # and cannot be dropped again
+
+
 def test_export_writes_a_cast_checkpoint_the_engine_loads(tmp_path: Path) -> None:
     from d2l_memory.checkpoint import load_hypernet
     from d2l_memory.training.export import export_checkpoint

@@ -13,20 +13,23 @@ import torch
 from d2l_memory.config import HypernetConfig
 from d2l_memory.hypernet import HyperLoRA
 
-GROWABLE_FIELDS = ("head_layer_rank", "key_gate")
+GROWABLE_FIELDS = ("head_layer_rank", "key_gate", "key_copy")
 """HypernetConfig fields that may go from 0 (or False) to a positive value (or True) on a trained network.
-Growing ``key_gate`` also turns on the encoder's ``target_keys``, the keys the gate lets in."""
+Growing ``key_gate`` or ``key_copy`` also turns on the encoder's ``target_keys``, the keys they read."""
+KEY_READERS = ("key_gate", "key_copy")
 
 
 def grown_hypernet(trained: HyperLoRA, config: HypernetConfig, seed: int) -> HyperLoRA:
     """``trained`` with the components ``config`` adds; raises ValueError if ``config`` is not a pure growth."""
     before = trained.cfg
     kept = {name: getattr(before, name) for name in GROWABLE_FIELDS}
-    if config.key_gate and not before.key_gate:
-        if before.encoder.target_keys:
-            raise ValueError("the saved hypernetwork already mixes keys into A; a key gate would change what it "
-                             "learned (grow key_gate only into a network trained without keys)")
+    grown_readers = [name for name in KEY_READERS if getattr(config, name) and not getattr(before, name)]
+    if grown_readers:
+        if before.encoder.target_keys and not any(getattr(before, name) for name in KEY_READERS):
+            raise ValueError(f"the saved hypernetwork already mixes keys into A; {grown_readers[0]} would change "
+                             f"what it learned (grow {grown_readers[0]} only into a network trained without keys)")
         kept["encoder"] = dataclasses.replace(config.encoder, target_keys=before.encoder.target_keys)
+    if "key_gate" in grown_readers:
         kept["key_gate_scale"] = before.key_gate_scale  # the gate is new, so may its scale be
     as_before = dataclasses.replace(config, **kept)
     if as_before != before:

@@ -87,6 +87,12 @@ def test_harness_runs_every_mode_and_reports(engine: MemoryEngine, tmp_path: Pat
         "recall-picked chunk adapters" in line and "adapter_recall 67%" in line and "| met |" in line
         for line in lines
     )
+    # 40 of 95 against 2 of 95 is exactly 40 points, though the float difference is a hair below 0.4.
+    facts = lambda v: {"by_domain": {"facts": cell(v)}}  # noqa: E731
+    exact_margin = {"adapter": facts(40 / 95), "none": facts(2 / 95), "wrong_adapter": facts(3 / 95)}
+    lines = verdict(exact_margin)
+    assert any("no context by ≥ 40 points" in line and "+40.0 pts | met |" in line for line in lines)
+    assert any("wrong-document control" in line and "+38.9 pts | MISSED |" in line for line in lines)
     assert plot(result, tmp_path / "eval.png").stat().st_size > 1000
     bench = tmp_path / "BENCHMARKS.md"
     replace_section(bench, "eval", "first")

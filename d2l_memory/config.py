@@ -74,7 +74,9 @@ class HypernetConfig:
     the pointed chunk token), B the embedding of the token after it, "in the state the document was in
     here, say what came next". Its per-(layer, slot) scale starts at zero, so a network trained
     without keys can grow it (``d2l_memory.training.grow``). With it, keys reach the shared A only
-    through ``key_gate``. The adapter's rank per chunk doubles. Needs ``encoder.target_keys``."""
+    through ``key_gate``. The adapter's rank per chunk doubles, so a rank budget
+    (``ProviderConfig.rank_budget``) holds half as many chunks. Needs ``encoder.target_keys``.
+    Grown into the shipped run for 100 steps it did not help (BENCHMARKS.md, ablation notes)."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """Where the activations come from; the trained weights only fit this choice."""
 

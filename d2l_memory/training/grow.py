@@ -17,6 +17,7 @@ GROWABLE_FIELDS = ("head_layer_rank", "key_gate", "key_copy")
 """HypernetConfig fields that may go from 0 (or False) to a positive value (or True) on a trained network.
 Growing ``key_gate`` or ``key_copy`` also turns on the encoder's ``target_keys``, the keys they read."""
 KEY_READERS = ("key_gate", "key_copy")
+"""Growable fields that read the encoder's target keys (a network with neither reads none)."""
 
 
 def grown_hypernet(trained: HyperLoRA, config: HypernetConfig, seed: int) -> HyperLoRA:

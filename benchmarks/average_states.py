@@ -1,0 +1,73 @@
+"""Average the weights of two or more saved hypernetworks of one run (a "soup" of checkpoints).
+
+    python benchmarks/average_states.py STATE_A STATE_B [...] --out DIR [--weights 0.5 0.5]
+
+Each STATE is a training-state folder (``runs/X/state``, ``training-runs/X/state``) or an exported
+checkpoint folder: anything holding ``hypernet.json`` and ``hypernet.safetensors``. The average is
+written in fp32 as a checkpoint folder that ``d2l-memory eval --hypernet DIR`` accepts; to judge it
+with ``benchmarks/judge.py``, copy a run folder of the same run (its ``train_config.json``,
+``log.jsonl`` and ``state/trainer_state.json``, without ``state/optimizer.safetensors``) and write the
+average into its ``state/``. Why: two ends of warm-restart cycles from one run differ by a few hundred
+steps of noise around the same basin; their mean can score above both, and costs no training.
+
+Refused with the reason: fewer than two inputs, different base models, different network shapes
+(configs), weights that do not sum to 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from d2l_memory.checkpoint import HypernetMeta, load_hypernet, read_hypernet_meta, save_hypernet
+from d2l_memory.errors import CheckpointError
+from d2l_memory.hypernet import HyperLoRA
+
+logger = logging.getLogger("benchmarks.average_states")
+
+
+def average_hypernets(states: Sequence[str | Path], weights: Sequence[float] | None = None
+                      ) -> tuple[HyperLoRA, HypernetMeta]:
+    """The weighted mean of ``states`` (fp32) and the first one's metadata; shapes and base model must match."""
+    if len(states) < 2:
+        raise ValueError("averaging needs at least two states")
+    weights = [1.0 / len(states)] * len(states) if weights is None else list(weights)
+    if len(weights) != len(states) or not math.isclose(sum(weights), 1.0, abs_tol=1e-6):
+        raise ValueError(f"need one weight per state, summing to 1: got {weights}")
+    first, first_meta = load_hypernet(states[0])
+    total = {k: v.detach().clone() * weights[0] for k, v in first.state_dict().items()}
+    for state, weight in zip(states[1:], weights[1:]):
+        module, meta = load_hypernet(state)
+        if (meta.base_model_name, meta.base_model_fingerprint) != (first_meta.base_model_name,
+                                                                   first_meta.base_model_fingerprint):
+            raise CheckpointError(f"{state} was trained for another base model than {states[0]}")
+        if meta.config != first_meta.config:
+            raise CheckpointError(f"{state} has another network shape than {states[0]}")
+        for key, value in module.state_dict().items():
+            total[key] += value * weight
+    first.load_state_dict(total)
+    return first, first_meta
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("states", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--weights", nargs="+", type=float, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    module, meta = average_hypernets(args.states, args.weights)
+    sources = [{"path": str(state), "step": read_hypernet_meta(state).training.get("step")} for state in args.states]
+    training = {**meta.training, "averaged_from": sources, "averaged_weights": args.weights or "equal"}
+    saved = save_hypernet(args.out, module, base_model_name=meta.base_model_name,
+                          base_model_fingerprint=meta.base_model_fingerprint, training=training, dtype=torch.float32)
+    logger.info("wrote %s (%s) from %s", args.out, saved.hypernet_id, [s["path"] for s in sources])
+
+
+if __name__ == "__main__":
+    main()

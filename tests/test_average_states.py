@@ -1,0 +1,48 @@
+"""benchmarks/average_states.py: the average is the weighted mean of every tensor, and mismatched
+inputs (shape, base model, weights) are refused before anything is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from bench_modules import load_benchmark
+from tiny import tiny_base, tiny_hypernet
+
+from d2l_memory.checkpoint import load_hypernet, save_hypernet
+from d2l_memory.errors import CheckpointError
+
+average_states = load_benchmark("average_states")
+
+
+def _saved(tmp_path: Path, name: str, seed: int, fingerprint: str = "fp", **overrides: object) -> Path:
+    net = tiny_hypernet(tiny_base().model, seed=seed, **overrides)
+    with torch.no_grad():  # zero-initialised parts would average to zero whatever the code does
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    save_hypernet(tmp_path / name, net, base_model_name="tiny", base_model_fingerprint=fingerprint,
+                  training={"step": seed})
+    return tmp_path / name
+
+
+def test_weighted_mean_of_every_tensor_and_sources_recorded(tmp_path: Path) -> None:
+    a, b = _saved(tmp_path, "a", 1), _saved(tmp_path, "b", 2)
+    average_states.main([str(a), str(b), "--out", str(tmp_path / "soup"), "--weights", "0.25", "0.75"])
+    soup, meta = load_hypernet(tmp_path / "soup")
+    first, second = load_hypernet(a)[0].state_dict(), load_hypernet(b)[0].state_dict()
+    for key, value in soup.state_dict().items():
+        torch.testing.assert_close(value, 0.25 * first[key] + 0.75 * second[key])
+    assert [s["step"] for s in meta.training["averaged_from"]] == [1, 2]
+
+
+def test_refuses_mismatched_inputs(tmp_path: Path) -> None:
+    a = _saved(tmp_path, "a", 1)
+    with pytest.raises(CheckpointError, match="another base model"):
+        average_states.average_hypernets([a, _saved(tmp_path, "other", 2, fingerprint="fp2")])
+    with pytest.raises(CheckpointError, match="network shape"):
+        average_states.average_hypernets([a, _saved(tmp_path, "wide", 3, rank=2)])
+    with pytest.raises(ValueError, match="summing to 1"):
+        average_states.average_hypernets([a, _saved(tmp_path, "b", 4)], [0.5, 0.6])
+    with pytest.raises(ValueError, match="at least two"):
+        average_states.average_hypernets([a])

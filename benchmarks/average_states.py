@@ -63,7 +63,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     module, meta = average_hypernets(args.states, args.weights)
     sources = [{"path": str(state), "step": read_hypernet_meta(state).training.get("step")} for state in args.states]
-    training = {**meta.training, "averaged_from": sources, "averaged_weights": args.weights or "equal"}
+    # No single step produced these weights: the sources' steps replace the first one's "step".
+    inherited = {k: v for k, v in meta.training.items() if k != "step"}
+    training = {**inherited, "averaged_from": sources, "averaged_weights": args.weights or "equal"}
     saved = save_hypernet(args.out, module, base_model_name=meta.base_model_name,
                           base_model_fingerprint=meta.base_model_fingerprint, training=training, dtype=torch.float32)
     logger.info("wrote %s (%s) from %s", args.out, saved.hypernet_id, [s["path"] for s in sources])

@@ -4,10 +4,11 @@
 
 Each STATE is a training-state folder (``runs/X/state``, ``training-runs/X/state``) or an exported
 checkpoint folder: anything holding ``hypernet.json`` and ``hypernet.safetensors``. The average is
-written in fp32 as a checkpoint folder that ``d2l-memory eval --hypernet DIR`` accepts; to judge it
-with ``benchmarks/judge.py``, copy a run folder of the same run (its ``train_config.json``,
-``log.jsonl`` and ``state/trainer_state.json``, without ``state/optimizer.safetensors``) and write the
-average into its ``state/``. Why: two ends of warm-restart cycles from one run differ by a few hundred
+written in fp32 as a checkpoint folder that ``d2l-memory eval --hypernet DIR`` accepts. With
+``--run-like RUN_DIR``, OUT becomes a run folder that ``benchmarks/judge.py OUT`` accepts: the average
+in ``OUT/state/``, beside copies of RUN_DIR's ``train_config.json``, ``log.jsonl`` and
+``state/trainer_state.json`` (not its optimizer moments, so it loads as a weights-only state); the
+judge's step and hours columns are then RUN_DIR's. Why: two ends of warm-restart cycles from one run differ by a few hundred
 steps of noise around the same basin; their mean can score above both, and costs no training.
 
 Refused with the reason: fewer than two inputs, different base models, different network shapes
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +29,7 @@ import torch
 from d2l_memory.checkpoint import HypernetMeta, load_hypernet, read_hypernet_meta, save_hypernet
 from d2l_memory.errors import CheckpointError
 from d2l_memory.hypernet import HyperLoRA
+from d2l_memory.training.state import TRAINER_FILE, latest_state_dir
 
 logger = logging.getLogger("benchmarks.average_states")
 
@@ -54,11 +57,27 @@ def average_hypernets(states: Sequence[str | Path], weights: Sequence[float] | N
     return first, first_meta
 
 
+def judgeable_run_folder(out: Path, run_like: Path) -> Path:
+    """Make ``out`` a run folder of ``run_like``'s run (config, log, step) and return its state folder."""
+    state = latest_state_dir(run_like)
+    if state is None:
+        raise CheckpointError(f"{run_like} holds no training state")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: refusing to write a run folder over it")
+    (out / "state").mkdir(parents=True, exist_ok=True)
+    for name in ("train_config.json", "log.jsonl"):
+        shutil.copyfile(run_like / name, out / name)
+    shutil.copyfile(state / TRAINER_FILE, out / "state" / TRAINER_FILE)
+    return out / "state"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("states", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--weights", nargs="+", type=float, default=None)
+    parser.add_argument("--run-like", type=Path, metavar="RUN_DIR",
+                        help="write OUT as a run folder of RUN_DIR's run, for benchmarks/judge.py")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     module, meta = average_hypernets(args.states, args.weights)
@@ -66,9 +85,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     # No single step produced these weights: the sources' steps replace the first one's "step".
     inherited = {k: v for k, v in meta.training.items() if k != "step"}
     training = {**inherited, "averaged_from": sources, "averaged_weights": args.weights or "equal"}
-    saved = save_hypernet(args.out, module, base_model_name=meta.base_model_name,
+    target = judgeable_run_folder(args.out, args.run_like) if args.run_like else args.out
+    saved = save_hypernet(target, module, base_model_name=meta.base_model_name,
                           base_model_fingerprint=meta.base_model_fingerprint, training=training, dtype=torch.float32)
-    logger.info("wrote %s (%s) from %s", args.out, saved.hypernet_id, [s["path"] for s in sources])
+    logger.info("wrote %s (%s) from %s", target, saved.hypernet_id, [s["path"] for s in sources])
 
 
 if __name__ == "__main__":

@@ -36,11 +36,12 @@ def test_weighted_mean_of_every_tensor_and_sources_recorded(tmp_path: Path) -> N
     for key, value in soup.state_dict().items():
         torch.testing.assert_close(value, 0.25 * first[key] + 0.75 * second[key])
     assert [s["step"] for s in meta.training["averaged_from"]] == [1, 2] and "step" not in meta.training
+    assert [s["weight"] for s in meta.training["averaged_from"]] == [0.25, 0.75]
 
 
 def test_refuses_mismatched_inputs(tmp_path: Path) -> None:
     a = _saved(tmp_path, "a", 1)
-    with pytest.raises(CheckpointError, match="another base model"):
+    with pytest.raises(CheckpointError, match="trained for base model"):
         average_states.average_hypernets([a, _saved(tmp_path, "other", 2, fingerprint="fp2")])
     with pytest.raises(CheckpointError, match="network shape"):
         average_states.average_hypernets([a, _saved(tmp_path, "wide", 3, rank=2)])

@@ -1,9 +1,10 @@
 """Judge a training run's latest state against the shipped checkpoint, in one command.
 
-After a training cycle the same four measurements decide whether its checkpoint ships (see
+After a training cycle the same measurements decide whether its checkpoint ships (see
 ``training-runs/README.md``): the evaluation on the documents of the previous ``eval.json`` (its
-hypernetwork-free rows reused), the paired comparison with that run, the recipe-ablation score row and
-the compaction benchmark. This runs them one after another (never two CPU jobs at once: on a small
+hypernetwork-free rows reused) and the paired comparison with that run; the same two on the wide fact set
+of ``eval-facts-wide.json`` (480 fact questions, where the main set's 95 cannot tell a 3-point change from
+noise); the recipe-ablation score row and the compaction benchmark. This runs them one after another (never two CPU jobs at once: on a small
 machine they only slow each other), each logged to its own file in ``--out``, and stops at the first
 failure. ``--out``/judge.json records each step's command, status and time. Deciding to ship stays a
 person's job; once the checkpoint has shipped, ``benchmarks/publish.py`` renders BENCHMARKS.md's result
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from d2l_memory.evaluation.rows import read_result
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "d2l_memory.cli"]
 RECORD = "judge.json"
+WIDE_RESULT = "eval-facts-wide.json"  # the shipped checkpoint on the wide fact set
 
 
 def _from_repo(path: Path) -> Path:
@@ -40,22 +43,42 @@ def _from_repo(path: Path) -> Path:
 
 
 def eval_settings(previous: dict) -> list[str]:
-    """The ``d2l-memory eval`` flags that reproduce the previous run's documents and questions."""
+    """The ``d2l-memory eval`` flags that reproduce the previous run's documents, questions and modes."""
     config = previous["config"]
     docs = ",".join(f"{domain}={n}" for domain, n in config["docs"].items())
+    # Results written before the modes were recorded ran them all, which is also the flag's default.
+    modes = ["--modes", *config["modes"]] if config.get("modes") else []
     return ["--docs", docs, "--needle-tokens", *map(str, config["needle_tokens"]),
-            "--distill-docs", str(config["distill_docs"]), "--recall-chunks", str(config["recall_chunks"])]
+            "--distill-docs", str(config["distill_docs"]), "--recall-chunks", str(config["recall_chunks"]), *modes]
 
 
-def plan(run_dir: Path, previous: dict, previous_eval: Path, name: str, out: Path, conversations: int,
+@dataclass(frozen=True)
+class Reference:
+    """An evaluation of the shipped checkpoint to repeat: its result, and the copy of it the steps read."""
+
+    result: dict
+    copy: Path
+
+
+def eval_steps(prefix: str, hypernet: Path, reference: Reference, out: Path) -> list[tuple[str, list[str]]]:
+    """Evaluate ``hypernet`` on ``reference``'s documents (its hypernetwork-free rows reused), then pair the
+    two question by question."""
+    folder = out / f"{prefix}eval"
+    return [
+        (f"{prefix}eval", [*CLI, "eval", "--hypernet", str(hypernet), *eval_settings(reference.result),
+                           "--reuse-baselines", str(reference.copy), "--out", str(folder)]),
+        (f"{prefix}compare", [*CLI, "eval-compare", str(reference.copy), str(folder / "eval.json")]),
+    ]
+
+
+def plan(run_dir: Path, main_set: Reference, wide_set: Reference, name: str, out: Path, conversations: int,
          chunks: Sequence[int]) -> list[tuple[str, list[str]]]:
     """The steps, as (label, argv); every one writes only below ``out`` (and the ablation row's folder)."""
     hypernet = out / "hypernet"
     return [
         ("export", [*CLI, "export-checkpoint", str(run_dir), str(hypernet)]),
-        ("eval", [*CLI, "eval", "--hypernet", str(hypernet), *eval_settings(previous),
-                  "--reuse-baselines", str(previous_eval), "--out", str(out / "eval")]),
-        ("compare", [*CLI, "eval-compare", str(previous_eval), str(out / "eval" / "eval.json")]),
+        *eval_steps("", hypernet, main_set, out),
+        *eval_steps("wide-", hypernet, wide_set, out),
         # Scripts are named relative to the repository, where every step runs.
         ("ablation-row", [sys.executable, "benchmarks/ablate.py", "configs/ablations.json",
                           "--score-run", str(run_dir), "--name", name]),
@@ -78,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for the checkpoint, results and logs")
     parser.add_argument("--previous", type=Path, default=REPO / "benchmarks" / "results" / "eval.json",
                         help="eval.json of the shipped checkpoint (default: the committed one)")
+    parser.add_argument("--previous-wide", type=Path, default=REPO / "benchmarks" / "results" / WIDE_RESULT,
+                        help="the shipped checkpoint's eval.json on the wide fact set (default: the committed one)")
     parser.add_argument("--conversations", type=int, default=5, help="compaction benchmark conversations")
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4], help="compaction rank budgets")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -85,21 +110,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir, out = _from_repo(args.run_dir), _from_repo(args.out)  # the steps run from the repository root
     if not (args.run_dir / "state").is_dir():
         parser.error(f"{args.run_dir} has no state/ folder")
-    try:
-        previous = read_result(args.previous)
-    except D2LMemoryError as exc:
-        parser.error(str(exc))
-    if not isinstance(previous.get("config"), dict):
-        parser.error(f"{args.previous}: records no evaluation settings to repeat")
-    # The committed eval.json is overwritten when a checkpoint ships; judge against a copy of it.
-    previous_eval = out / "previous-eval.json"
+    references = []
+    # The committed results are overwritten when a checkpoint ships; judge against copies of them.
+    copies = ((args.previous, out / "previous-eval.json"), (args.previous_wide, out / "previous-wide-eval.json"))
+    for path, copy in copies:
+        try:
+            result = read_result(path)
+        except D2LMemoryError as exc:
+            parser.error(str(exc))
+        if not isinstance(result.get("config"), dict):
+            parser.error(f"{path}: records no evaluation settings to repeat")
+        references.append(Reference(result, copy))
     given = sys.argv[1:] if argv is None else argv
     record: dict[str, Any] = {"command": "python benchmarks/judge.py " + shlex.join(given), "steps": []}
     folder = REPO / out  # where this process writes: `out` as the steps see it, from the repository root
     if not args.dry_run:
         folder.mkdir(parents=True, exist_ok=True)
-        (REPO / previous_eval).write_text(json.dumps(previous, indent=1))
-    for label, command in plan(run_dir, previous, previous_eval, args.name, out, args.conversations, args.chunks):
+        for reference in references:
+            (REPO / reference.copy).write_text(json.dumps(reference.result, indent=1))
+    main_set, wide_set = references
+    for label, command in plan(run_dir, main_set, wide_set, args.name, out, args.conversations, args.chunks):
         print(f"[{label}] {shlex.join(command)}", flush=True)
         if args.dry_run:
             continue
@@ -114,8 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if status != 0:
             return status
     if not args.dry_run:
-        # The paired comparison is what the shipping decision starts from: show it without a file to open.
-        print((folder / "compare.log").read_text(), flush=True)
+        # The paired comparisons are what the shipping decision starts from: show them without a file to open.
+        for label in ("compare", "wide-compare"):
+            print(f"[{label}]\n" + (folder / f"{label}.log").read_text(), flush=True)
     return 0
 
 

@@ -5,6 +5,7 @@ package (``d2l-memory export-checkpoint RUN d2l_memory/checkpoints/...``). This 
 judged run's own output files and nothing else:
 
 - ``benchmarks/results/eval.{json,md,png}`` and the "eval" section,
+- ``benchmarks/results/eval-facts-wide.{json,md}`` and the "eval-wide" section (the wide fact set),
 - ``benchmarks/results/compaction.json`` and the "compaction" section,
 - the "ablations" section (``ablate.py --report --benchmarks``; the judge already scored the row),
 
@@ -24,6 +25,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import compaction  # the script beside this one: Python puts a script's own folder first on sys.path
@@ -36,7 +38,7 @@ from d2l_memory.reporting import replace_section, with_artifacts
 REPO = Path(__file__).resolve().parents[1]
 
 SHIPPED = Path("d2l_memory/checkpoints/smollm2-135m-instruct")
-JUDGED_STEPS = ("export", "eval", "compare", "ablation-row", "compaction")
+JUDGED_STEPS = ("export", "eval", "compare", "wide-eval", "wide-compare", "ablation-row", "compaction")
 
 
 class NotPublishable(D2LMemoryError):
@@ -85,17 +87,46 @@ def provenance(judge_command: str, judged: Path, written: str) -> str:
             f"this section and {written} were written from that run's output)")
 
 
-def publish_eval(judged: Path, command: str, judge_command: str, repo: Path) -> None:
-    result = read_result(judged / "eval" / "eval.json")
+@dataclass(frozen=True)
+class EvalSection:
+    """Where one of the judge's evaluations goes: its output folder, result files' stem, section, title, plot."""
+
+    folder: str
+    stem: str
+    section: str
+    title: str
+    plotted: bool
+
+
+EVAL_SECTIONS = (
+    EvalSection("eval", "eval", "eval", "Hypernetwork evaluation (held-out documents)", plotted=True),
+    # Fact documents only: the plot's conversation and tool bars would be empty.
+    EvalSection("wide-eval", "eval-facts-wide", "eval-wide",
+                "Hypernetwork evaluation, wide fact set (held-out fact documents)", plotted=False),
+)
+
+
+def publish_eval(judged: Path, where: EvalSection, command: str, judge_command: str, repo: Path) -> None:
+    written = f"`benchmarks/results/{where.stem}.*`"
+    write_eval_section(judged / where.folder / "eval.json", where, command,
+                       provenance(judge_command, judged, written), repo)
+
+
+def write_eval_section(source: Path, where: EvalSection, command: str, origin: str, repo: Path) -> None:
+    """Copy an ``eval.json`` into ``benchmarks/results/`` and render its markdown (and plot) there and into
+    its BENCHMARKS.md section; ``origin`` says, after the command, where the run came from."""
+    result = read_result(source)
     results = repo / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(judged / "eval" / "eval.json", results / "eval.json")
-    eval_plot(result, results / "eval.png")
+    shutil.copyfile(source, results / f"{where.stem}.json")
     relative = Path("benchmarks/results")
-    text = with_artifacts(eval_markdown(result, command, provenance(judge_command, judged, f"`{relative}/`")),
-                          relative / "eval.json", ("evaluation", relative / "eval.png"))
-    (results / "eval.md").write_text(text + "\n")
-    replace_section(repo / "BENCHMARKS.md", "eval", text)
+    image = None
+    if where.plotted:
+        eval_plot(result, results / f"{where.stem}.png")
+        image = ("evaluation", relative / f"{where.stem}.png")
+    text = with_artifacts(eval_markdown(result, command, origin, where.title), relative / f"{where.stem}.json", image)
+    (results / f"{where.stem}.md").write_text(text + "\n")
+    replace_section(repo / "BENCHMARKS.md", where.section, text)
 
 
 def publish_compaction(judged: Path, command: str, judge_command: str, repo: Path) -> None:
@@ -121,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         judge_command, steps = read_record(args.judged)
         check_same_checkpoint(args.judged / "hypernet", args.shipped)
-        publish_eval(args.judged, steps["eval"]["command"], judge_command, args.repo)
+        for where in EVAL_SECTIONS:
+            publish_eval(args.judged, where, steps[where.folder]["command"], judge_command, args.repo)
         publish_compaction(args.judged, steps["compaction"]["command"], judge_command, args.repo)
     except D2LMemoryError as exc:
         parser.error(str(exc))
@@ -130,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ablate.py --report failed with status {status}; the eval and compaction sections are written",
               file=sys.stderr)
         return status
-    print("Wrote the eval, compaction and ablations sections and benchmarks/results/. By hand: the notes sections "
+    print("Wrote the eval, eval-wide, compaction and ablations sections and benchmarks/results/. By hand: the notes sections "
           "(training, eval, ablation, compaction, perf), README's Status and training-runs/README.md.")
     return 0
 

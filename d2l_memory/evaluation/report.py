@@ -31,10 +31,11 @@ def _reaches(value: float, floor: float) -> bool:
     return value >= floor - 1e-9
 
 
-def markdown(result: dict[str, Any], command: str, provenance: str = "") -> str:
+def markdown(result: dict[str, Any], command: str, provenance: str = "",
+             title: str = "Hypernetwork evaluation (held-out documents)") -> str:
     s = result["summary"]
     lines = [
-        "## Hypernetwork evaluation (held-out documents)",
+        f"## {title}",
         "",
         command_line(command, provenance),
         f"Hypernetwork `{result['hypernet']}` (trained: {result['hypernet_trained']}), "

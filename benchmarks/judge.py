@@ -2,10 +2,11 @@
 
 After a training cycle the same measurements decide whether its checkpoint ships (see
 ``training-runs/README.md``): the evaluation on the documents of the previous ``eval.json`` (its
-hypernetwork-free rows reused) and the paired comparison with that run; the same two on the wide fact set
-of ``eval-facts-wide.json`` (478 fact questions, where the main set's 95 cannot tell a 3-point change from
-noise); the recipe-ablation score row and the compaction benchmark. This runs them one after another (never two CPU jobs at once: on a small
-machine they only slow each other), each logged to its own file in ``--out``, and stops at the first
+hypernetwork-free rows reused) and the paired comparison with that run; the same two on the wide fact
+set of ``eval-facts-wide.json`` (478 fact questions, where the main set's 95 cannot tell a 3-point change
+from noise); the recipe-ablation score row and the compaction benchmark. This runs them one after
+another (never two CPU jobs at once: on a small machine they only slow each other), each logged to its
+own file in ``--out``, and stops at the first
 failure. ``--out``/judge.json records each step's command, status and time. Deciding to ship stays a
 person's job; once the checkpoint has shipped, ``benchmarks/publish.py`` renders BENCHMARKS.md's result
 sections from this run's output.

@@ -6,10 +6,9 @@ hypernetwork-free rows reused) and the paired comparison with that run; the same
 set of ``eval-facts-wide.json`` (478 fact questions, where the main set's 95 cannot tell a 3-point change
 from noise); the recipe-ablation score row and the compaction benchmark. This runs them one after
 another (never two CPU jobs at once: on a small machine they only slow each other), each logged to its
-own file in ``--out``, and stops at the first
-failure. ``--out``/judge.json records each step's command, status and time. Deciding to ship stays a
-person's job; once the checkpoint has shipped, ``benchmarks/publish.py`` renders BENCHMARKS.md's result
-sections from this run's output.
+own file in ``--out``, and stops at the first failure. ``--out``/judge.json records each step's command,
+status and time. Deciding to ship stays a person's job; once the checkpoint has shipped,
+``benchmarks/publish.py`` renders BENCHMARKS.md's result sections from this run's output.
 
     python benchmarks/judge.py runs/smollm2-135m-nokeys --name nokeys-...-step4500 --out /tmp/judge-4500
 """

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import compaction  # the script beside this one: Python puts a script's own folder first on sys.path
 from d2l_memory.errors import D2LMemoryError
+from d2l_memory.evaluation.report import TITLE as EVAL_TITLE
 from d2l_memory.evaluation.report import markdown as eval_markdown
 from d2l_memory.evaluation.report import plot as eval_plot
 from d2l_memory.evaluation.rows import read_result
@@ -99,7 +100,7 @@ class EvalSection:
 
 
 EVAL_SECTIONS = (
-    EvalSection("eval", "eval", "eval", "Hypernetwork evaluation (held-out documents)", plotted=True),
+    EvalSection("eval", "eval", "eval", EVAL_TITLE, plotted=True),
     # Fact documents only: the plot's conversation and tool bars would be empty.
     EvalSection("wide-eval", "eval-facts-wide", "eval-wide",
                 "Hypernetwork evaluation, wide fact set (held-out fact documents)", plotted=False),
@@ -159,8 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     status = publish_ablations(args.repo)
     if status != 0:
-        print(f"ablate.py --report failed with status {status}; the eval and compaction sections are written",
-              file=sys.stderr)
+        print(f"ablate.py --report failed with status {status}; the eval, eval-wide and compaction sections are "
+              "written", file=sys.stderr)
         return status
     print("Wrote the eval, eval-wide, compaction and ablations sections and benchmarks/results/. By hand: the "
           "notes sections (training, eval, ablation, compaction, perf), README's Status and training-runs/README.md.")

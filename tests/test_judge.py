@@ -25,7 +25,7 @@ def _state_run(tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
-def _references(tmp_path: Path) -> tuple:
+def _references(tmp_path: Path) -> tuple[judge.Reference, judge.Reference]:
     return judge.Reference(PREVIOUS, tmp_path / "prev.json"), judge.Reference(WIDE, tmp_path / "prev-wide.json")
 
 

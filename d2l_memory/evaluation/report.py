@@ -10,6 +10,7 @@ from d2l_memory.reporting import command_line, save_figure
 
 SHORT_MODES = ("none", "in_context", "rag", "adapter", "adapter_recall", "hybrid", "wrong_adapter")
 NEEDLE_MODES = ("none", "in_context", "rag", "adapter", "adapter_recall", "hybrid")
+TITLE = "Hypernetwork evaluation (held-out documents)"
 
 
 def _pct(value: float | None) -> str:
@@ -31,8 +32,7 @@ def _reaches(value: float, floor: float) -> bool:
     return value >= floor - 1e-9
 
 
-def markdown(result: dict[str, Any], command: str, provenance: str = "",
-             title: str = "Hypernetwork evaluation (held-out documents)") -> str:
+def markdown(result: dict[str, Any], command: str, provenance: str = "", title: str = TITLE) -> str:
     s = result["summary"]
     lines = [
         f"## {title}",

@@ -3,7 +3,7 @@
     python benchmarks/chunk_prior.py [--docs 8] [--hypernet DIR] [--out benchmarks/results] [--benchmarks]
 
 One single-chunk adapter per held-out document (``--docs`` each of facts, conversation and tool
-documentation; the first chunk where a document has more), then per target module, over the K
+documentation, each cut into chunks of 512 tokens; the first chunk where a document has more), then per target module, over the K
 adapters ΔW_i = B_i A_i:
 
 - ``common share``: K·‖mean ΔW‖² / Σ‖ΔW_i‖², the part of the adapters' energy that is the same for
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from d2l_memory import MemoryAdapter, MemoryEngine
+from d2l_memory import ChunkConfig, MemoryAdapter, MemoryEngine
 from d2l_memory.reporting import command_line, save_results, script_command
 from d2l_memory.training.synth import make_sample
 
@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--docs must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     started = time.perf_counter()
-    engine = MemoryEngine.from_pretrained(hypernet=args.hypernet)
+    # Whole documents as one chunk (up to 512 tokens), as this diagnostic has always measured, not the
+    # finer pieces the engine cuts short documents into by default.
+    whole = ChunkConfig(chunk_tokens=512, min_chunk_tokens=512)
+    engine = MemoryEngine.from_pretrained(hypernet=args.hypernet, chunking=whole)
     adapters, ids = first_chunks(engine, args.docs)
     result = {"hypernet": engine.hypernet_id, "documents": ids, **measure(adapters),
               "seconds": time.perf_counter() - started}

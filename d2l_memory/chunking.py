@@ -6,6 +6,7 @@ per-model token lists are written by hand. Chunks never see each other: each is 
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -104,7 +105,7 @@ def chunk_text(
     config: ChunkConfig,
     affixes: TurnAffixes,
 ) -> list[Chunk]:
-    """Tokenise validated text and cut it into contiguous chunks of at most ``chunk_tokens`` tokens."""
+    """Tokenise validated text and cut it into contiguous, near-even chunks (how many: ``chunk_count``)."""
     if len(text) > config.max_document_chars:
         raise DocumentTooLargeError(
             f"document has {len(text):,} characters; the limit is {config.max_document_chars:,} "
@@ -118,11 +119,32 @@ def chunk_text(
             f"document has {len(ids):,} tokens; the limit is {config.max_document_tokens:,} "
             "(ChunkConfig.max_document_tokens)"
         )
-    step = config.chunk_tokens
     return [
-        Chunk(input_ids=affixes.prefix + tuple(ids[s : s + step]) + affixes.suffix, span=(s, min(s + step, len(ids))))
-        for s in range(0, len(ids), step)
+        Chunk(input_ids=affixes.prefix + tuple(ids[start:end]) + affixes.suffix, span=(start, end))
+        for start, end in chunk_spans(len(ids), config)
     ]
+
+
+def chunk_count(n_tokens: int, config: ChunkConfig) -> int:
+    """How many chunks a document of ``n_tokens`` content tokens is cut into (see ChunkConfig)."""
+    if n_tokens <= 0:
+        return 0
+    capped = math.ceil(n_tokens / config.chunk_tokens)
+    finest = min(config.min_chunk_tokens, config.chunk_tokens)
+    fine = min(config.short_document_chunks, math.ceil(n_tokens / finest))
+    return max(capped, fine)
+
+
+def even_spans(n_tokens: int, n_pieces: int) -> list[tuple[int, int]]:
+    """``n_pieces`` contiguous (start, end) token spans covering ``n_tokens``, lengths differing by at most 1."""
+    n_pieces = max(1, min(n_pieces, n_tokens))
+    bounds = [round(i * n_tokens / n_pieces) for i in range(n_pieces + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(n_pieces)]
+
+
+def chunk_spans(n_tokens: int, config: ChunkConfig) -> list[tuple[int, int]]:
+    """The token spans ``chunk_text`` cuts a document of ``n_tokens`` content tokens into."""
+    return even_spans(n_tokens, chunk_count(n_tokens, config))
 
 
 def span_texts(text: str, tokenizer: PreTrainedTokenizerBase, spans: Sequence[tuple[int, int]]) -> list[str]:

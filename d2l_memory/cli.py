@@ -12,6 +12,7 @@ from pathlib import Path
 from d2l_store import RecordNotFound, StoreError
 
 from d2l_memory.cli_memory import add_memory_commands, load_engine
+from d2l_memory.config import ChunkConfig
 from d2l_memory.errors import D2LMemoryError
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reuse-baselines", metavar="EVAL_JSON",
                    help="copy the none / in_context / rag / distill rows from an earlier eval.json of the same "
                         "settings and base model instead of recomputing them (they do not depend on the hypernetwork)")
+    defaults = ChunkConfig()
+    p.add_argument("--chunk-tokens", type=_positive_int, default=defaults.chunk_tokens,
+                   help=f"most tokens per chunk (default {defaults.chunk_tokens})")
+    p.add_argument("--min-chunk-tokens", type=_positive_int, default=defaults.min_chunk_tokens,
+                   help="short documents are cut into even pieces of at least this many tokens "
+                        f"(default {defaults.min_chunk_tokens}; equal to --chunk-tokens for fixed-size chunks)")
+    p.add_argument("--short-document-chunks", type=_positive_int, default=defaults.short_document_chunks,
+                   help=f"most pieces a short document is cut into (default {defaults.short_document_chunks})")
     p.add_argument("--benchmarks", action="store_true", help="write the results into BENCHMARKS.md")
     p.set_defaults(handler=_run_eval)
 
@@ -169,7 +178,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.no_distill:
         cfg = dataclasses.replace(cfg, modes=tuple(m for m in cfg.modes if m != "distill"))
     reuse = read_result(args.reuse_baselines) if args.reuse_baselines else None  # fail before the model loads
-    result = run_eval(load_engine(args), cfg, reuse=reuse)
+    chunking = ChunkConfig(chunk_tokens=args.chunk_tokens, min_chunk_tokens=args.min_chunk_tokens,
+                           short_document_chunks=args.short_document_chunks)
+    result = run_eval(load_engine(args, chunking), cfg, reuse=reuse)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1, default=str))

@@ -15,6 +15,7 @@ from typing import Any
 from d2l_store import AdapterRecord, MemoryKind, Scope
 from tqdm.auto import tqdm
 
+from d2l_memory.config import ChunkConfig
 from d2l_memory.storage import open_store
 
 SCOPE_HELP = "tenant/user/agent/session; trailing parts may be left out (default: the empty scope)"
@@ -107,12 +108,12 @@ def add_memory_commands(sub: argparse._SubParsersAction) -> None:
 # ---- helpers -----------------------------------------------------------------------------------
 
 
-def load_engine(args: argparse.Namespace):  # noqa: ANN201 - MemoryEngine, imported lazily (torch)
-    """The engine of ``--base-model`` (default: the built-in one) and ``--hypernet``."""
+def load_engine(args: argparse.Namespace, chunking: ChunkConfig = ChunkConfig()):  # noqa: ANN201 - MemoryEngine
+    """The engine of ``--base-model`` (default: the built-in one) and ``--hypernet``; imported lazily (torch)."""
     from d2l_memory.engine import MemoryEngine
 
     chosen_base = {"base_model": args.base_model} if args.base_model else {}
-    return MemoryEngine.from_pretrained(**chosen_base, hypernet=args.hypernet)
+    return MemoryEngine.from_pretrained(**chosen_base, hypernet=args.hypernet, chunking=chunking)
 
 
 def _provider(args: argparse.Namespace, **config: Any):  # noqa: ANN202 - MemoryProvider, imported lazily

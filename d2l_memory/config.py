@@ -112,11 +112,26 @@ class ChunkConfig:
     """How text is cut before encoding."""
 
     chunk_tokens: int = 512
-    """Content tokens per chunk (the chat-template affixes come on top)."""
+    """Most content tokens in one chunk (the chat-template affixes come on top)."""
+    min_chunk_tokens: int = 32
+    """Short documents are cut finer than ``chunk_tokens``: into up to ``short_document_chunks`` even
+    pieces of at least this many tokens (capped at ``chunk_tokens``). Every chunk gets an adapter of
+    the same rank, so a short document cut finer is stored with more rank per fact; on the shipped
+    checkpoint this lifted greedy fact answers from 38.5% to about 49% (BENCHMARKS, chunking). Set it
+    to ``chunk_tokens`` for plain fixed-size chunks."""
+    short_document_chunks: int = 8
+    """Most pieces a document is cut into before chunks grow past ``min_chunk_tokens``; 8 is the most
+    chunks per document the shipped hypernetwork saw in training. Documents longer than
+    ``short_document_chunks × chunk_tokens`` get ``chunk_tokens``-sized chunks."""
     max_document_tokens: int = 262_144
     """Refuse larger inputs with DocumentTooLargeError instead of working for hours."""
     max_document_chars: int = 4_000_000
     """Checked before tokenising, so a huge input fails fast."""
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_tokens", "min_chunk_tokens", "short_document_chunks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ChunkConfig.{name} must be at least 1, not {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

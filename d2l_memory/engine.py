@@ -164,6 +164,14 @@ class MemoryEngine:
         return cls(base, module, hypernet_id=hypernet_id_of(module), chunking=chunking, generation=generation,
                    hypernet_trained=False, prefix_cache=prefix_cache)
 
+    def with_chunking(self, chunking: ChunkConfig) -> MemoryEngine:
+        """An engine on the same model and hypernetwork (shared, not copied) that cuts documents by
+        ``chunking``; its prefix cache starts empty."""
+        return MemoryEngine(self.base, self.hypernet, hypernet_id=self.hypernet_id, chunking=chunking,
+                            generation=self.generation, chunk_batch_size=self.chunk_batch_size,
+                            hypernet_trained=self.hypernet_trained, encoder_autocast=self.encoder_autocast,
+                            prefix_cache=self.prefix_cache.cfg)
+
     @classmethod
     def from_checkpoint_meta(cls, base: LoadedBaseModel, module: HyperLoRA, meta: HypernetMeta) -> MemoryEngine:
         return cls(base, module, hypernet_id=meta.hypernet_id)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from d2l_memory import ChunkConfig, DocumentTooLargeError, InvalidDocumentError
-from d2l_memory.chunking import as_text, chunk_text, render_messages, user_turn_affixes
+from d2l_memory.chunking import as_text, chunk_count, chunk_spans, chunk_text, render_messages, user_turn_affixes
 from tiny import tiny_tokenizer
 
 
@@ -31,6 +31,41 @@ def test_chunks_cover_the_document_in_order() -> None:
         assert list(body) == ids[start:end]
         content += body
     assert content == ids
+
+
+@pytest.mark.parametrize(
+    ("n_tokens", "expected"),
+    [
+        (1, 1),
+        (32, 1),  # one minimum-size piece
+        (33, 2),
+        (200, 7),  # short: pieces of about min_chunk_tokens
+        (256, 8),
+        (300, 8),  # at short_document_chunks: pieces grow past min_chunk_tokens instead
+        (4096, 8),  # pieces have reached chunk_tokens
+        (4097, 9),  # longer: chunk_tokens caps every piece
+        (10_000, 20),
+    ],
+)
+def test_short_documents_are_cut_finer_and_long_ones_at_the_cap(n_tokens: int, expected: int) -> None:
+    config = ChunkConfig(chunk_tokens=512, min_chunk_tokens=32, short_document_chunks=8)
+    assert chunk_count(n_tokens, config) == expected
+    spans = chunk_spans(n_tokens, config)
+    lengths = [end - start for start, end in spans]
+    assert len(spans) == expected and spans[0][0] == 0 and spans[-1][1] == n_tokens
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # contiguous
+    assert max(lengths) - min(lengths) <= 1 and max(lengths) <= 512
+
+
+def test_min_chunk_tokens_equal_to_chunk_tokens_gives_fixed_size_chunks() -> None:
+    config = ChunkConfig(chunk_tokens=128, min_chunk_tokens=128)
+    assert [chunk_count(n, config) for n in (1, 128, 129, 300, 1000)] == [1, 1, 2, 3, 8]
+
+
+@pytest.mark.parametrize("field", ["chunk_tokens", "min_chunk_tokens", "short_document_chunks"])
+def test_chunk_config_refuses_non_positive_sizes(field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        ChunkConfig(**{field: 0})
 
 
 def test_documents_longer_than_the_window_are_chunked() -> None:

@@ -74,7 +74,8 @@ def test_bad_input_gives_nonzero_exit_codes(tmp_path: Path, capsys: pytest.Captu
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         main(["list", "--scope", "bad tenant!"])
-    for bad in (["--modes", "adapter", "telepathy"], ["--recall-chunks", "0"], ["--recall-chunks", "two"]):
+    for bad in (["--modes", "adapter", "telepathy"], ["--recall-chunks", "0"], ["--recall-chunks", "two"],
+                ["--min-chunk-tokens", "0"], ["--chunk-tokens", "big"], ["--short-document-chunks", "-1"]):
         with pytest.raises(SystemExit) as exc:
             main(["eval", *bad])
         assert exc.value.code == 2, bad

@@ -8,6 +8,7 @@ import torch
 from d2l_memory import (
     BaseModelUnavailableError,
     CheckpointError,
+    ChunkConfig,
     DocumentTooLargeError,
     IncompatibleCheckpointError,
     InvalidDocumentError,
@@ -29,6 +30,18 @@ def test_internalize_makes_one_rank_slice_per_chunk(engine: MemoryEngine) -> Non
     layers = engine.model.config.num_hidden_layers
     assert memory.nbytes == layers * memory.rank * (64 + 32) * 4
     assert memory.chunk_spans[0][0] == 0 and memory.chunk_spans[-1][1] == n_tokens
+
+
+def test_short_documents_are_cut_finer_with_the_same_model_and_hypernetwork(engine: MemoryEngine) -> None:
+    fine = engine.with_chunking(ChunkConfig(chunk_tokens=512, min_chunk_tokens=8, short_document_chunks=4))
+    assert fine.model is engine.model and fine.hypernet is engine.hypernet and fine.hypernet_id == engine.hypernet_id
+    n_tokens = len(tiny_tokenizer().encode(DOC, add_special_tokens=False))  # > 4 × 8: four even pieces
+    memory = fine.internalize(DOC)
+    assert memory.n_chunks == 4 and memory.chunk_spans[-1][1] == n_tokens
+    lengths = [end - start for start, end in memory.chunk_spans]
+    assert max(lengths) - min(lengths) <= 1
+    whole = engine.with_chunking(ChunkConfig(chunk_tokens=512, min_chunk_tokens=512)).internalize(DOC)
+    assert whole.n_chunks == 1 and whole.chunk_spans == ((0, n_tokens),)
 
 
 def test_key_copy_memories_carry_twice_the_rank_and_answer(tmp_path: Path) -> None:

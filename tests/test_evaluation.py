@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from d2l_memory import MemoryEngine
 from d2l_memory.evaluation.distill import DistillConfig, context_distill, document_probes
 from d2l_memory.evaluation.harness import MODES, EvalConfig, run_eval
 from d2l_memory.evaluation.metrics import contains_match, exact_match, normalise, states_other_fact, token_f1
-from d2l_memory.evaluation.report import markdown, plot, verdict
+from d2l_memory.evaluation.report import chunking_words, markdown, plot, verdict
 from d2l_memory.lora import lora_scope
 from d2l_memory.reporting import replace_section
 from d2l_memory.training.synth import make_sample
@@ -76,6 +77,8 @@ def test_harness_runs_every_mode_and_reports(engine: MemoryEngine, tmp_path: Pat
         assert sum(c["other_fact"] for c in cells.values()) == sum(r["other_fact"] for r in mode_rows)
     text = markdown(result, "d2l-memory eval --quick")
     assert "state another fact of the same document" in text
+    assert result["chunking"] == asdict(engine.chunking)  # the tiny engine: 16-token chunks, finest 16
+    assert "even chunks" not in text and "fixed 16-token chunks" in text
     assert "| adapter |" in text and "| adapter_recall |" in text and ("MISSED" in text or "met" in text)
     # The needle verdicts need lengths beyond the 8K window: one line per adapter mode that ran there.
     cell = lambda v: {"n": 3, "contains": v, "exact": v, "f1": v}  # noqa: E731
@@ -100,6 +103,13 @@ def test_harness_runs_every_mode_and_reports(engine: MemoryEngine, tmp_path: Pat
     replace_section(bench, "eval", "second")
     content = bench.read_text()
     assert "second" in content and "first" not in content and "keep me" in content
+
+
+def test_the_report_says_how_documents_were_chunked() -> None:
+    fine = {"chunk_tokens": 512, "min_chunk_tokens": 32, "short_document_chunks": 8}
+    assert chunking_words(fine) == "documents cut into up to 8 even chunks of at least 32 tokens, at most 512 tokens each"
+    assert chunking_words({**fine, "min_chunk_tokens": 512}) == "fixed 512-token chunks"
+    assert chunking_words(None) == "fixed 512-token chunks"  # results from before the chunking was recorded
 
 
 def test_a_second_checkpoint_can_reuse_the_hypernet_free_rows(

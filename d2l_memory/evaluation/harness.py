@@ -242,6 +242,7 @@ def run_eval(engine: MemoryEngine, cfg: EvalConfig = EvalConfig(), progress: boo
         "base_model": engine.base_model_id,
         "hypernet": engine.hypernet_id,
         "hypernet_trained": engine.hypernet_trained,
+        "chunking": asdict(engine.chunking),
         "n_docs": len(docs),
         "n_questions": len(rows),
         "internalize_seconds_mean": sum(write_seconds) / len(write_seconds),

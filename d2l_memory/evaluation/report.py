@@ -32,6 +32,16 @@ def _reaches(value: float, floor: float) -> bool:
     return value >= floor - 1e-9
 
 
+def chunking_words(chunking: dict[str, int] | None) -> str:
+    """How the result's documents were cut into chunks, as a phrase."""
+    if chunking is None:  # results written before the chunking was recorded, when it was always this
+        return "fixed 512-token chunks"
+    cap, low, pieces = chunking["chunk_tokens"], chunking["min_chunk_tokens"], chunking["short_document_chunks"]
+    if low >= cap:
+        return f"fixed {cap}-token chunks"
+    return f"documents cut into up to {pieces} even chunks of at least {low} tokens, at most {cap} tokens each"
+
+
 def markdown(result: dict[str, Any], command: str, provenance: str = "", title: str = TITLE) -> str:
     s = result["summary"]
     lines = [
@@ -39,7 +49,7 @@ def markdown(result: dict[str, Any], command: str, provenance: str = "", title: 
         "",
         command_line(command, provenance),
         f"Hypernetwork `{result['hypernet']}` (trained: {result['hypernet_trained']}), "
-        f"base model `{result['base_model']}`; "
+        f"base model `{result['base_model']}`; {chunking_words(result.get('chunking'))}; "
         f"{result['n_docs']} documents, {result['n_questions']} questions, {result['total_seconds'] / 60:.1f} min. "
         "Greedy answers scored by normalised contains-match (exact match and token F1 in the JSON).",
         "",

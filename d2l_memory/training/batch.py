@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from d2l_memory.chunking import TurnAffixes
+from d2l_memory.chunking import TurnAffixes, even_spans
 from d2l_memory.generation import prompt_ids
 from d2l_memory.hypernet import HyperLoRA, HyperOutput
 from d2l_memory.internalize import gather_weights, run_hypernet
@@ -47,9 +47,7 @@ class TeacherRows:
 
 def split_tokens(ids: Sequence[int], n_chunks: int) -> list[list[int]]:
     """Cut contiguous token ids into ``n_chunks`` near-equal pieces (as inference cuts long text)."""
-    n_chunks = max(1, min(n_chunks, len(ids)))
-    bounds = [round(i * len(ids) / n_chunks) for i in range(n_chunks + 1)]
-    return [list(ids[bounds[i] : bounds[i + 1]]) for i in range(n_chunks)]
+    return [list(ids[start:end]) for start, end in even_spans(len(ids), n_chunks)]
 
 
 def answer_ids(tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:

@@ -51,7 +51,8 @@ def test_compacted_conversation_is_retrievable(provider: MemoryProvider) -> None
     turns = [{"role": "user", "content": f"Note {i}: my locker code is 4821."} for i in range(8)]
     provider.append_messages(ALICE_CHAT, turns)
     docs = D2LRetriever(provider=provider, scope=ALICE_CHAT, k=1).invoke("locker code")
-    assert docs[0].metadata["kind"] == "compacted_history" and "locker" in docs[0].page_content
+    # The tiny test model's chunks are 16 tokens, so a chunk may start inside "locker"; the code is whole.
+    assert docs[0].metadata["kind"] == "compacted_history" and "code is 4821" in docs[0].page_content
 
 
 def test_async_matches_sync(provider: MemoryProvider) -> None:

@@ -51,6 +51,18 @@ def test_flips_are_counted_per_slice() -> None:
     assert "conversations" not in deltas  # no such questions: no row
 
 
+def test_recall_rows_pair_across_chunkings_with_the_adapter_rows_filling_in() -> None:
+    # Before: only d3 had more chunks than the recall budget, so recall ran on it alone (elsewhere the
+    # provider applies every chunk: the adapter answer). After: cut finer, recall also ran on d1.
+    before = _result("old", dict.fromkeys(QUESTIONS[:3], False) | {("d3", "closed 2"): False})
+    after = _result("new", dict.fromkeys(QUESTIONS[:3], True) | {("d3", "closed 2"): False})
+    before["rows"] += [_row("adapter_recall", "d3", "closed 2", True, open_value=False)]
+    after["rows"] += [_row("adapter_recall", "d3", "closed 2", True, open_value=False),
+                      _row("adapter_recall", "d1", "open 1", True), _row("adapter_recall", "d1", "open 2", False)]
+    (facts,) = [d for d in compare(before, after) if d.mode == "adapter_recall" and d.slice == "facts"]
+    assert (facts.n, facts.gained, facts.lost) == (4, 2, 0)  # open 1 by recall, open 3 by the adapter row
+
+
 def test_results_that_cannot_be_paired_are_refused() -> None:
     before = _result("old", dict.fromkeys(QUESTIONS, True))
     with pytest.raises(IncomparableEvaluationError, match="different questions"):

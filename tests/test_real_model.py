@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from d2l_memory import MemoryAdapter, MemoryEngine
+from d2l_memory.chunking import chunk_count
 from d2l_memory.lora import lora_scope
 
 pytestmark = pytest.mark.slow
@@ -22,8 +23,10 @@ def engine() -> MemoryEngine:
 def test_default_engine_loads_offline_and_answers_three_ways(engine: MemoryEngine, tmp_path) -> None:  # noqa: ANN001
     assert engine.model.config.num_hidden_layers == 30 and engine.model.config.hidden_size == 576
     memory = engine.internalize(DOC)
-    assert memory.n_chunks == 1 and memory.rank == 8
-    assert memory.nbytes == 30 * 8 * (1536 + 576) * 4
+    n_tokens = len(engine.tokenizer.encode(DOC, add_special_tokens=False))
+    assert memory.n_chunks == chunk_count(n_tokens, engine.chunking) == 2  # 41 tokens: two of about 32
+    assert memory.rank == 8 * memory.n_chunks
+    assert memory.nbytes == 30 * memory.rank * (1536 + 576) * 4
     # The 135M base model is unreliable even in context (it answers the badge question with the cello);
     # the employer is one it reads from its prompt under greedy decoding, and cannot know without it.
     question = "Which company does Orvane work for?"

@@ -130,6 +130,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--docs", type=_domain_counts, default=None,
                    help="documents per domain, e.g. facts=24,conversation=8,tool=8")
     p.add_argument("--needle-tokens", type=int, nargs="+", default=None, help="needle document lengths in tokens")
+    p.add_argument("--seed", type=int, default=None,
+                   help="which held-out documents are drawn (default 0; another seed gives a fresh set)")
     p.add_argument("--recall-chunks", type=_positive_int, default=None,
                    help="chunk adapters the adapter_recall mode applies per question (default 2)")
     p.add_argument("--modes", type=_eval_mode, nargs="+", default=None, metavar="MODE",
@@ -169,6 +171,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, docs=args.docs)
     if args.needle_tokens:
         cfg = dataclasses.replace(cfg, needle_tokens=tuple(args.needle_tokens))
+    if args.seed is not None:
+        cfg = dataclasses.replace(cfg, seed=args.seed)
     if args.distill_docs is not None:
         cfg = dataclasses.replace(cfg, distill_docs=args.distill_docs)
     if args.recall_chunks is not None:

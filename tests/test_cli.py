@@ -75,7 +75,8 @@ def test_bad_input_gives_nonzero_exit_codes(tmp_path: Path, capsys: pytest.Captu
     with pytest.raises(SystemExit):
         main(["list", "--scope", "bad tenant!"])
     for bad in (["--modes", "adapter", "telepathy"], ["--recall-chunks", "0"], ["--recall-chunks", "two"],
-                ["--min-chunk-tokens", "0"], ["--chunk-tokens", "big"], ["--short-document-chunks", "-1"]):
+                ["--min-chunk-tokens", "0"], ["--chunk-tokens", "big"], ["--short-document-chunks", "-1"],
+                ["--seed", "two"]):
         with pytest.raises(SystemExit) as exc:
             main(["eval", *bad])
         assert exc.value.code == 2, bad

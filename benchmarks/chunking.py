@@ -5,7 +5,7 @@
 
 Every chunk of a document gets an adapter of the same rank, so cutting a short document finer stores it
 with more rank per fact. A policy ``CAP:MIN:PIECES`` is a ``ChunkConfig``: chunks of at most CAP
-tokens; short documents cut into up to PIECES even chunks of at least MIN tokens (``MIN = CAP`` is
+tokens; short documents cut into up to PIECES even chunks of at most MIN tokens (``MIN = CAP`` is
 plain fixed-size chunking). Each policy internalizes the same held-out fact documents and answers the
 same questions (``d2l-memory eval``'s harness), in these modes:
 
@@ -109,7 +109,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"Hypernetwork `{result['hypernet']}`; {result['docs']} fact documents of seed {result['seed']} "
         f"({result['questions']} questions; seed 0 is the judge's set), greedy answers, contains-match, %. "
         f"Policy `CAP:MIN:PIECES`: chunks of at most CAP tokens, short documents cut into up to PIECES even "
-        f"chunks of at least MIN tokens (`ChunkConfig`). adapter_recall applies the chunks recall picks within "
+        f"chunks of at most MIN tokens, longer ones into chunks of up to CAP (`ChunkConfig`). adapter_recall applies the chunks recall picks within "
         f"a rank budget of {result['rank_budget']} ({result['rank_budget'] // result['rank']} "
         f"chunks). Adapter MB at float16. {result['seconds'] / 60:.1f} min.", "",
         "| policy | " + " | ".join(modes) + " | unseen values | closed-set values | "

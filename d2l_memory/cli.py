@@ -144,7 +144,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-tokens", type=_positive_int, default=defaults.chunk_tokens,
                    help=f"most tokens per chunk (default {defaults.chunk_tokens})")
     p.add_argument("--min-chunk-tokens", type=_positive_int, default=defaults.min_chunk_tokens,
-                   help="short documents are cut into even pieces of at least this many tokens "
+                   help="short documents are cut into even pieces of at most this many tokens "
                         f"(default {defaults.min_chunk_tokens}; equal to --chunk-tokens for fixed-size chunks)")
     p.add_argument("--short-document-chunks", type=_positive_int, default=defaults.short_document_chunks,
                    help=f"most pieces a short document is cut into (default {defaults.short_document_chunks})")

@@ -107,7 +107,8 @@ def test_harness_runs_every_mode_and_reports(engine: MemoryEngine, tmp_path: Pat
 
 def test_the_report_says_how_documents_were_chunked() -> None:
     fine = {"chunk_tokens": 512, "min_chunk_tokens": 32, "short_document_chunks": 8}
-    assert chunking_words(fine) == "documents cut into up to 8 even chunks of at least 32 tokens, at most 512 tokens each"
+    assert chunking_words(fine) == ("documents cut into even chunks of at most 32 tokens, up to 8 of them, longer "
+                                   "documents into 8 or more chunks of at most 512 tokens")
     assert chunking_words({**fine, "min_chunk_tokens": 512}) == "fixed 512-token chunks"
     assert chunking_words(None) == "fixed 512-token chunks"  # results from before the chunking was recorded
 

@@ -39,7 +39,8 @@ def chunking_words(chunking: dict[str, int] | None) -> str:
     cap, low, pieces = chunking["chunk_tokens"], chunking["min_chunk_tokens"], chunking["short_document_chunks"]
     if low >= cap:
         return f"fixed {cap}-token chunks"
-    return f"documents cut into up to {pieces} even chunks of at least {low} tokens, at most {cap} tokens each"
+    return (f"documents cut into even chunks of at most {low} tokens, up to {pieces} of them, longer documents "
+            f"into {pieces} or more chunks of at most {cap} tokens")
 
 
 def markdown(result: dict[str, Any], command: str, provenance: str = "", title: str = TITLE) -> str:

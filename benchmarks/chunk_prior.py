@@ -3,8 +3,8 @@
     python benchmarks/chunk_prior.py [--docs 8] [--hypernet DIR] [--out benchmarks/results] [--benchmarks]
 
 One single-chunk adapter per held-out document (``--docs`` each of facts, conversation and tool
-documentation, each cut into chunks of 512 tokens; the first chunk where a document has more), then per target module, over the K
-adapters ΔW_i = B_i A_i:
+documentation, each cut into chunks of up to 512 tokens; the first chunk where a document has more),
+then per target module, over the K adapters ΔW_i = B_i A_i:
 
 - ``common share``: K·‖mean ΔW‖² / Σ‖ΔW_i‖², the part of the adapters' energy that is the same for
   every document (1: one adapter for all; near 1/K: nothing shared). A chunked document applies

@@ -34,7 +34,7 @@ from typing import Any
 from d2l_memory import ChunkConfig, MemoryEngine
 from d2l_memory.chunking import chunk_count
 from d2l_memory.evaluation.harness import EvalConfig, run_eval
-from d2l_memory.evaluation.rows import MODES
+from d2l_memory.evaluation.rows import MODES, provider_recall_rows, row_key
 from d2l_memory.provider import ProviderConfig
 from d2l_memory.reporting import command_line, save_results, script_command
 
@@ -73,10 +73,9 @@ def policy_row(result: dict[str, Any], chunking: ChunkConfig, chunk_mb: float) -
     chunks = [chunk_count(n, chunking) for n in docs.values()]
     accuracy = {mode: _rate(rows) for mode, rows in by_mode.items()}
     if "adapter_recall" in result["config"]["modes"] and own:
-        # The harness asks recall only where a document has more chunks than the budget; on the others
-        # the provider applies every chunk, which is the adapter mode's answer.
-        recalled = {(r["doc"], r["question"]): r for r in by_mode["adapter_recall"]}
-        accuracy["adapter_recall"] = _rate([recalled.get((r["doc"], r["question"]), r) for r in own])
+        keyed = {mode: {row_key(r): r for r in rows} for mode, rows in by_mode.items()}
+        provider = provider_recall_rows(keyed["adapter"], keyed.get("adapter_recall", {}))
+        accuracy["adapter_recall"] = _rate(list(provider.values()))
     return {
         "policy": policy_name(chunking),
         "chunking": dataclasses.asdict(chunking),
@@ -109,9 +108,9 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"Hypernetwork `{result['hypernet']}`; {result['docs']} fact documents of seed {result['seed']} "
         f"({result['questions']} questions; seed 0 is the judge's set), greedy answers, contains-match, %. "
         f"Policy `CAP:MIN:PIECES`: chunks of at most CAP tokens, short documents cut into up to PIECES even "
-        f"chunks of at most MIN tokens, longer ones into chunks of up to CAP (`ChunkConfig`). adapter_recall applies the chunks recall picks within "
-        f"a rank budget of {result['rank_budget']} ({result['rank_budget'] // result['rank']} "
-        f"chunks). Adapter MB at float16. {result['seconds'] / 60:.1f} min.", "",
+        f"chunks of at most MIN tokens, longer ones into chunks of up to CAP (`ChunkConfig`). adapter_recall "
+        f"applies the chunks recall picks within a rank budget of {result['rank_budget']} "
+        f"({result['rank_budget'] // result['rank']} chunks). Adapter MB at float16. {result['seconds'] / 60:.1f} min.", "",
         "| policy | " + " | ".join(modes) + " | unseen values | closed-set values | "
         + " | ".join(f"{x} tokens" for x in lengths) + " | chunks per doc (max) | adapter MB per doc | "
         "internalize s per doc |",

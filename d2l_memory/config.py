@@ -114,17 +114,17 @@ class ChunkConfig:
     chunk_tokens: int = 512
     """Most content tokens in one chunk (the chat-template affixes come on top)."""
     min_chunk_tokens: int = 32
-    """Short documents are cut finer than ``chunk_tokens``: into up to ``short_document_chunks`` even
-    pieces of at most this many tokens (``ceil(tokens / min_chunk_tokens)`` of them, so a piece may be as
-    short as half of it; capped at ``chunk_tokens``): the smallest chunk size the engine uses. Every chunk gets an adapter of
-    the same rank, so a short document cut finer is stored with more rank per fact: with unchanged
-    weights this lifted greedy answers to 478 held-out fact questions from 38.5% to 47.5% (BENCHMARKS,
-    evaluation notes; ``benchmarks/chunking.py`` compares policies). Set it to ``chunk_tokens`` for
-    plain fixed-size chunks."""
+    """The smallest chunk size the engine uses. Short documents are cut finer than ``chunk_tokens``:
+    into ``ceil(tokens / min_chunk_tokens)`` even pieces, at most ``short_document_chunks`` of them, so a
+    piece holds at most this many tokens and may hold as few as half (capped at ``chunk_tokens``). Every
+    chunk gets an adapter of the same rank, so a short document cut finer is stored with more rank per
+    fact: with unchanged weights this lifted greedy answers to 478 held-out fact questions from 38.5% to
+    47.5% (BENCHMARKS, evaluation notes; ``benchmarks/chunking.py`` compares policies). Set it to
+    ``chunk_tokens`` for one chunk per ``chunk_tokens`` tokens (even pieces of at most that size)."""
     short_document_chunks: int = 8
     """Most pieces a document is cut into before chunks grow past ``min_chunk_tokens``; 8 is the most
-    chunks per document the shipped hypernetwork saw in training. Documents longer than
-    ``short_document_chunks × chunk_tokens`` get ``chunk_tokens``-sized chunks."""
+    chunks per document the hypernetwork saw in training before its thirteenth cycle. Documents longer
+    than ``short_document_chunks × chunk_tokens`` get even chunks of at most ``chunk_tokens``."""
     max_document_tokens: int = 262_144
     """Refuse larger inputs with DocumentTooLargeError instead of working for hours."""
     max_document_chars: int = 4_000_000

@@ -39,7 +39,7 @@ def test_chunks_cover_the_document_in_order() -> None:
         (1, 1),
         (32, 1),  # one minimum-size piece
         (33, 2),
-        (200, 7),  # short: pieces of about min_chunk_tokens
+        (200, 7),  # short: pieces of at most min_chunk_tokens
         (256, 8),
         (300, 8),  # at short_document_chunks: pieces grow past min_chunk_tokens instead
         (4096, 8),  # pieces have reached chunk_tokens

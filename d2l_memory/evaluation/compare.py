@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from d2l_memory.errors import IncomparableEvaluationError
-from d2l_memory.evaluation.rows import HYPERNET_MODES, Row, RowKey, is_short_doc, row_key, value_set
+from d2l_memory.evaluation.rows import (
+    HYPERNET_MODES,
+    Row,
+    RowKey,
+    is_short_doc,
+    provider_recall_rows,
+    row_key,
+    value_set,
+)
 
 SCORED_METRICS = ("contains", "exact")
 
@@ -63,10 +71,7 @@ def _rows_by_mode(result: dict[str, Any], metric: str) -> dict[str, dict[RowKey,
             raise IncomparableEvaluationError(f"an evaluation row has no {metric!r} score")
         out.setdefault(row["mode"], {})[row_key(row)] = row
     if "adapter_recall" in out and "adapter" in out:
-        # The harness asks recall only of documents cut into more chunks than its budget; on the others
-        # the provider applies every chunk, which is the adapter row. Filled in, two runs that cut
-        # documents differently (so recall ran on different documents) pair on the same questions.
-        out["adapter_recall"] = {**out["adapter"], **out["adapter_recall"]}
+        out["adapter_recall"] = provider_recall_rows(out["adapter"], out["adapter_recall"])
     return out
 
 

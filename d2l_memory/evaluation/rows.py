@@ -4,6 +4,7 @@ harness, its reuse check, ``eval-compare`` and ``benchmarks/judge.py`` (none of 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,14 @@ def read_result(path: str | Path) -> dict[str, Any]:
 def row_key(row: Row) -> RowKey:
     """The same question about the same document cut to the same length."""
     return (str(row["doc"]), str(row["question"]), int(row["tokens"]))
+
+
+def provider_recall_rows(adapter: Mapping[RowKey, Row], recall: Mapping[RowKey, Row]) -> dict[RowKey, Row]:
+    """The memory provider's answer to every question under a recall budget. The harness asks recall only
+    of documents cut into more chunks than the budget; on the others the provider applies every chunk,
+    which is the adapter row. Filled in this way, two runs that cut documents differently (so recall ran
+    on different documents) answer the same questions."""
+    return {**adapter, **recall}
 
 
 def is_short_doc(row: Row) -> bool:

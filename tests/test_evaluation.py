@@ -78,7 +78,7 @@ def test_harness_runs_every_mode_and_reports(engine: MemoryEngine, tmp_path: Pat
     text = markdown(result, "d2l-memory eval --quick")
     assert "state another fact of the same document" in text
     assert result["chunking"] == asdict(engine.chunking)  # the tiny engine: 16-token chunks, finest 16
-    assert "even chunks" not in text and "fixed 16-token chunks" in text
+    assert "as few even chunks of at most 16 tokens as hold them" in text
     assert "| adapter |" in text and "| adapter_recall |" in text and ("MISSED" in text or "met" in text)
     # The needle verdicts need lengths beyond the 8K window: one line per adapter mode that ran there.
     cell = lambda v: {"n": 3, "contains": v, "exact": v, "f1": v}  # noqa: E731
@@ -109,7 +109,8 @@ def test_the_report_says_how_documents_were_chunked() -> None:
     fine = {"chunk_tokens": 512, "min_chunk_tokens": 32, "short_document_chunks": 8}
     assert chunking_words(fine) == ("documents cut into even chunks of at most 32 tokens, up to 8 of them, longer "
                                    "documents into 8 or more chunks of at most 512 tokens")
-    assert chunking_words({**fine, "min_chunk_tokens": 512}) == "fixed 512-token chunks"
+    assert chunking_words({**fine, "min_chunk_tokens": 512}) == ("documents cut into as few even chunks of at most "
+                                                                 "512 tokens as hold them")
     assert chunking_words(None) == "fixed 512-token chunks"  # results from before the chunking was recorded
 
 

@@ -339,7 +339,7 @@ def test_training_record_lists_every_held_out_check(tmp_path: Path) -> None:
     table = [line for line in text.splitlines() if line.startswith("| 2 |") or line.startswith("| 4 |")]
     assert len(table) == 2 and "4 optimizer steps" in text
     assert "cosine to ×0.1 over 4 steps" in text and "conversation 0.3, facts 0.5, tool 0.2" in text
-    assert "distractors" not in text
+    assert "distractors" not in text and "1–2 chunks per document" in text
 
 
 def test_training_record_names_a_warm_restart(tmp_path: Path) -> None:
@@ -350,11 +350,12 @@ def test_training_record_names_a_warm_restart(tmp_path: Path) -> None:
         Trainer(tiny_config(tmp_path / "run", steps=4, schedule_start=2), base=base)
     Trainer(tiny_config(tmp_path / "run", steps=2), base=base).run(progress=False)
     cfg = tiny_config(tmp_path / "run", steps=4, eval_every=2, schedule_start=2, encoder_autocast="bfloat16",
-                      distractor_prob=0.25)
+                      distractor_prob=0.25, inference_chunking_prob=0.5, chunking={"min_chunk_tokens": 8})
     Trainer(cfg, base=base).run(progress=False)
     text = training_markdown(tmp_path / "run", tmp_path / "ckpt", "d2l-memory export-checkpoint run ckpt")
     assert "warm restart at step 2" in text and "encoder pass in bfloat16" in text
     assert "with probability 0.25 the memory also holds chunks" in text
+    assert "cut as the engine cuts them (min_chunk_tokens=8) with probability 0.5, else into 1–2 chunks" in text
 
 
 def test_two_torchrun_processes_take_the_step_of_one_with_double_accumulation(tmp_path: Path) -> None:
@@ -414,3 +415,29 @@ def test_distractors_add_other_documents_chunks_after_the_own_ones(tmp_path: Pat
     assert all(len(n) > len(p) for n, p in zip(noisy.doc_chunks, plain.doc_chunks, strict=True))
     with pytest.raises(ValueError, match="distractor_prob"):
         tiny_config(tmp_path, steps=10, distractor_prob=1.5)
+
+
+def test_inference_chunking_cuts_training_documents_as_the_engine_does(tmp_path: Path) -> None:
+    from d2l_memory.chunking import chunk_spans
+
+    base = tiny_base()
+    plain = Trainer(tiny_config(tmp_path / "a", 2), base=base).microbatch(0, 0)
+    chunking = {"chunk_tokens": 64, "min_chunk_tokens": 8, "short_document_chunks": 5}
+    cfg = tiny_config(tmp_path / "b", 2, inference_chunking_prob=1.0, chunking=chunking)
+    matched = Trainer(cfg, base=base).microbatch(0, 0)
+    affixes = Trainer(cfg, base=base).affixes
+    prefix, suffix = len(affixes.prefix), len(affixes.suffix)
+
+    def contents(batch: object) -> list[list[int]]:  # each document's tokens, joined back from its chunks
+        return [[t for i in own for t in batch.chunks[i][prefix:len(batch.chunks[i]) - suffix]]  # type: ignore[attr-defined]
+                for own in batch.doc_chunks]  # type: ignore[attr-defined]
+
+    assert contents(matched) == contents(plain)  # same documents, only the cuts differ
+    for own in matched.doc_chunks:
+        lengths = [len(matched.chunks[i]) - prefix - suffix for i in own]
+        expected = [end - start for start, end in chunk_spans(sum(lengths), cfg.chunk_config())]
+        assert lengths == expected and len(lengths) > 1
+    with pytest.raises(ValueError, match="unknown chunking keys"):
+        tiny_config(tmp_path, steps=10, chunking={"chunk_size": 8})
+    with pytest.raises(ValueError, match="inference_chunking_prob"):
+        tiny_config(tmp_path, steps=10, inference_chunking_prob=-0.1)

@@ -34,11 +34,11 @@ def _reaches(value: float, floor: float) -> bool:
 
 def chunking_words(chunking: dict[str, int] | None) -> str:
     """How the result's documents were cut into chunks, as a phrase."""
-    if chunking is None:  # results written before the chunking was recorded, when it was always this
+    if chunking is None:  # results written before the chunking was recorded: consecutive 512-token cuts
         return "fixed 512-token chunks"
     cap, low, pieces = chunking["chunk_tokens"], chunking["min_chunk_tokens"], chunking["short_document_chunks"]
-    if low >= cap:
-        return f"fixed {cap}-token chunks"
+    if low >= cap:  # as few chunks as fit, evened out (not consecutive cuts with a short remainder)
+        return f"documents cut into as few even chunks of at most {cap} tokens as hold them"
     return (f"documents cut into even chunks of at most {low} tokens, up to {pieces} of them, longer documents "
             f"into {pieces} or more chunks of at most {cap} tokens")
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from d2l_memory.chunking import TurnAffixes, even_spans
+from d2l_memory.chunking import TurnAffixes, chunk_count, even_spans
+from d2l_memory.config import ChunkConfig
 from d2l_memory.generation import prompt_ids
 from d2l_memory.hypernet import HyperLoRA, HyperOutput
 from d2l_memory.internalize import gather_weights, run_hypernet
@@ -66,12 +67,15 @@ def build_microbatch(
     row_doc_override: Sequence[int] | None = None,
     with_teacher: bool = False,
     distractor_prob: float = 0.0,
+    inference_chunking: ChunkConfig | None = None,
+    inference_chunking_prob: float = 0.0,
 ) -> MicroBatch:
     """Chunk each sample's text and pick its questions. ``row_doc_override`` swaps adapters (the control).
 
     ``with_teacher`` also builds the teacher's rows: the document in the prompt, then the same answer.
     ``distractor_prob``: the chance that a document's memory also holds the chunks of 1 to all of the
-    batch's other documents (see ``TrainConfig.distractor_prob``).
+    batch's other documents (see ``TrainConfig.distractor_prob``). ``inference_chunking_prob``: the
+    chance that a document is cut as ``inference_chunking`` cuts it (see ``TrainConfig``).
     """
     chunks: list[tuple[int, ...]] = []
     doc_chunks: list[list[int]] = []
@@ -81,7 +85,7 @@ def build_microbatch(
     qas: list[QA] = []
     for d, sample in enumerate(samples):
         content = tokenizer.encode(sample.text, add_special_tokens=False)
-        n = 1 if rng.random() >= multi_chunk_prob else rng.randint(2, max_chunks)
+        n = chunk_draw(len(content), rng, multi_chunk_prob, max_chunks, inference_chunking, inference_chunking_prob)
         doc_chunks.append([])
         for piece in split_tokens(content, n):
             doc_chunks[-1].append(len(chunks))
@@ -100,6 +104,21 @@ def build_microbatch(
     ids, mask, labels = answer_rows(rows, tokenizer.pad_token_id)
     teacher = TeacherRows(*answer_rows(teacher_rows, tokenizer.pad_token_id)) if with_teacher else None
     return MicroBatch(chunks, doc_chunks, row_doc, ids, mask, labels, qas, teacher)
+
+
+def chunk_draw(
+    n_tokens: int,
+    rng: random.Random,
+    multi_chunk_prob: float,
+    max_chunks: int,
+    inference_chunking: ChunkConfig | None,
+    inference_chunking_prob: float,
+) -> int:
+    """How many pieces one training document is cut into."""
+    # No extra draw when the option is off: batches of runs that predate it stay the same.
+    if inference_chunking is not None and inference_chunking_prob > 0 and rng.random() < inference_chunking_prob:
+        return chunk_count(n_tokens, inference_chunking)
+    return 1 if rng.random() >= multi_chunk_prob else rng.randint(2, max_chunks)
 
 
 def with_distractors(doc_chunks: list[list[int]], rng: random.Random, prob: float) -> list[list[int]]:

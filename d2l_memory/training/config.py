@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from d2l_memory.config import ChunkConfig
 from d2l_memory.dtypes import float_dtype
 
 
@@ -49,6 +50,14 @@ class TrainConfig:
     multi_chunk_prob: float = 0.5
     """Probability that a training document is cut into 2..max_chunks chunks (else one chunk)."""
     max_chunks: int = 4
+    inference_chunking_prob: float = 0.0
+    """Probability that a training document is cut exactly as the engine cuts it at inference
+    (``ChunkConfig`` with the ``chunking`` overrides) instead of by the ``multi_chunk_prob`` draw. The
+    random draw covers every chunk count evenly; this puts weight on the counts the engine actually
+    makes (a 150-token fact document: 5 pieces of 30 tokens with the default chunking)."""
+    chunking: dict[str, Any] = field(default_factory=dict)
+    """Overrides of ChunkConfig fields for ``inference_chunking_prob``: set them to the chunking the
+    trained hypernetwork will be used with."""
     distractor_prob: float = 0.0
     """Probability that a document's memory in a step also holds the chunk adapters of 1 to all of the
     step's other documents, as when a long document, a compacted chat or several memories are applied
@@ -104,12 +113,22 @@ class TrainConfig:
         self.student_dtype()
         if not 0 <= self.schedule_start < self.steps:
             raise ValueError(f"schedule_start {self.schedule_start} must lie in 0..steps-1 ({self.steps - 1})")
-        if not 0.0 <= self.distractor_prob <= 1.0:
-            raise ValueError(f"distractor_prob {self.distractor_prob} must lie in 0..1")
+        for name in ("multi_chunk_prob", "inference_chunking_prob", "distractor_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} {getattr(self, name)} must lie in 0..1")
+        self.chunk_config()
         if self.eval_docs < 2:
             raise ValueError(
                 f"eval_docs {self.eval_docs} must be at least 2: each held-out document is another's control"
             )
+
+    def chunk_config(self) -> ChunkConfig:
+        """The inference chunking ``inference_chunking_prob`` trains for; a typed error names a bad key."""
+        known = {f.name for f in dataclasses.fields(ChunkConfig)}
+        unknown = sorted(set(self.chunking) - known)
+        if unknown:
+            raise ValueError(f"unknown chunking keys: {unknown} (ChunkConfig fields: {sorted(known)})")
+        return ChunkConfig(**self.chunking)
 
     def encoder_dtype(self) -> torch.dtype | None:
         """``encoder_autocast`` as a torch dtype; a typed error names the bad value."""

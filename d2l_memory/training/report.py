@@ -27,6 +27,17 @@ def _mix(config: dict[str, Any]) -> str:
     return ", ".join(f"{name} {weight:g}" for name, weight in weights.items()) or "default"
 
 
+def _chunks(config: dict[str, Any]) -> str:
+    drawn = "1" if config["multi_chunk_prob"] == 0 else "1–" + str(config["max_chunks"])
+    matched = config.get("inference_chunking_prob", 0.0)
+    if not matched:
+        return f"{drawn} chunks per document"
+    overrides = config.get("chunking") or {}
+    policy = ", ".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "the default ChunkConfig"
+    return (f"documents cut as the engine cuts them ({policy}) with probability {matched:g}, "
+            f"else into {drawn} chunks")
+
+
 def _distractors(config: dict[str, Any]) -> str:
     prob = config.get("distractor_prob", 0.0)
     if not prob:
@@ -43,7 +54,6 @@ def training_markdown(
     config = json.loads((run_dir / "train_config.json").read_text())
     compute = training_compute(records)
     last = records[-1]["step"] if records else 0
-    chunks = "1" if config["multi_chunk_prob"] == 0 else "1–" + str(config["max_chunks"])
     lines = [
         "## Meta-training the shipped hypernetwork",
         "",
@@ -55,7 +65,7 @@ def training_markdown(
         f"Recipe: {config['docs_per_step']} documents × {config['questions_per_doc']} questions per step, "
         f"lr {config['lr']} ({_schedule(config)}), "
         f"rank {config['rank']} per chunk on {', '.join(config['targets'])} of every layer, "
-        f"{chunks} chunks per document{_distractors(config)}, "
+        f"{_chunks(config)}{_distractors(config)}, "
         f"loss = {config.get('ce_weight', 1.0)}·CE(gold) + {config.get('kl_weight', 0.0)}"
         f"·KL(teacher top-{config.get('teacher_top_k', 16)}) "
         f"+ {config['l1_weight']}·L1; documents by domain {_mix(config)}; "

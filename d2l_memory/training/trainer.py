@@ -169,6 +169,7 @@ class Trainer:
             self.samples("train", first, cfg.docs_per_step), self.base.tokenizer, self.affixes, rng,
             questions_per_doc=cfg.questions_per_doc, multi_chunk_prob=cfg.multi_chunk_prob, max_chunks=cfg.max_chunks,
             with_teacher=cfg.kl_weight > 0, distractor_prob=cfg.distractor_prob,
+            inference_chunking=cfg.chunk_config(), inference_chunking_prob=cfg.inference_chunking_prob,
         )
 
     # ---- loop ----------------------------------------------------------------------------------

@@ -53,8 +53,8 @@ class TrainConfig:
     inference_chunking_prob: float = 0.0
     """Probability that a training document is cut exactly as the engine cuts it at inference
     (``ChunkConfig`` with the ``chunking`` overrides) instead of by the ``multi_chunk_prob`` draw. The
-    random draw covers every chunk count evenly; this puts weight on the counts the engine actually
-    makes (a 150-token fact document: 5 pieces of 30 tokens with the default chunking)."""
+    random draw spreads evenly over every chunk count, so it seldom hits the engine's exact count; this
+    trains on the counts the engine actually makes (a 150-token fact document: 5 pieces of 30 tokens with the default chunking)."""
     chunking: dict[str, Any] = field(default_factory=dict)
     """Overrides of ChunkConfig fields for ``inference_chunking_prob``: set them to the chunking the
     trained hypernetwork will be used with."""

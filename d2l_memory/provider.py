@@ -54,9 +54,10 @@ class ProviderConfig:
     """Largest total LoRA rank applied per query: 2 chunks of the shipped hypernetwork's rank 8. Few
     chunks, the ones recall picks for the question, work better than many: the shipped checkpoint's
     adapters are not robust to being summed with irrelevant ones (BENCHMARKS.md: compacted chats answer
-    87% of early-turn questions with 2 recalled chunks, 77% with all 16; needles past 8K tokens are found
-    with 2 recalled chunks, never with all). On short fact documents, cut into about 5 chunks, it is
-    mixed: 53% with 2 against 48% with all on the judge's main set, 47% against 50% on another draw."""
+    77% of early-turn questions with 2 recalled chunks, 70% with all 16; needles past 8K tokens are found
+    with 2 recalled chunks, never with all). On short fact documents, cut into about 5 chunks, it was
+    mixed for the step-6450 checkpoint: 53% with 2 against 48% with all on the judge's main set, 47%
+    against 50% on another draw; the step-6900 one answers 57% against 47% on the main set."""
     snippets: int = 0
     """Hybrid mode: this many best-matching source chunks are also put in the prompt (0 = adapters only)."""
     storage_dtype: str = "float16"

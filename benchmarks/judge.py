@@ -103,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="eval.json of the shipped checkpoint (default: the committed one)")
     parser.add_argument("--previous-wide", type=Path, default=REPO / "benchmarks" / "results" / WIDE_RESULT,
                         help="the shipped checkpoint's eval.json on the wide fact set (default: the committed one)")
-    parser.add_argument("--conversations", type=int, default=5, help="compaction benchmark conversations")
+    # 15 conversations (90 questions): on the 30 questions of 5, a 3-question drop could not be told from
+    # noise, and on 90 it was real (BENCHMARKS, compaction notes, sixth session of 2026-12-07).
+    parser.add_argument("--conversations", type=int, default=15, help="compaction benchmark conversations")
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4], help="compaction rank budgets")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from d2l_memory.training import vocab
 from d2l_memory.training.config import TrainConfig
 from d2l_memory.training.synth import DOMAINS, make_sample, mixed_sample
-from d2l_memory.training.batch import TeacherTopK, student_forward, teacher_top_k, top_k_kl
+from d2l_memory.training.batch import MicroBatch, TeacherTopK, student_forward, teacher_top_k, top_k_kl
 from d2l_memory.internalize import run_hypernet
 from d2l_memory.training.grow import grown_hypernet
 from d2l_memory.training.trainer import Trainer, lr_factor
@@ -424,13 +424,13 @@ def test_inference_chunking_cuts_training_documents_as_the_engine_does(tmp_path:
     plain = Trainer(tiny_config(tmp_path / "a", 2), base=base).microbatch(0, 0)
     chunking = {"chunk_tokens": 64, "min_chunk_tokens": 8, "short_document_chunks": 5}
     cfg = tiny_config(tmp_path / "b", 2, inference_chunking_prob=1.0, chunking=chunking)
-    matched = Trainer(cfg, base=base).microbatch(0, 0)
-    affixes = Trainer(cfg, base=base).affixes
-    prefix, suffix = len(affixes.prefix), len(affixes.suffix)
+    trainer = Trainer(cfg, base=base)
+    matched = trainer.microbatch(0, 0)
+    prefix, suffix = len(trainer.affixes.prefix), len(trainer.affixes.suffix)
 
-    def contents(batch: object) -> list[list[int]]:  # each document's tokens, joined back from its chunks
-        return [[t for i in own for t in batch.chunks[i][prefix:len(batch.chunks[i]) - suffix]]  # type: ignore[attr-defined]
-                for own in batch.doc_chunks]  # type: ignore[attr-defined]
+    def contents(batch: MicroBatch) -> list[list[int]]:  # each document's tokens, joined back from its chunks
+        return [[t for i in own for t in batch.chunks[i][prefix:len(batch.chunks[i]) - suffix]]
+                for own in batch.doc_chunks]
 
     assert contents(matched) == contents(plain)  # same documents, only the cuts differ
     for own in matched.doc_chunks:

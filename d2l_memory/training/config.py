@@ -54,7 +54,8 @@ class TrainConfig:
     """Probability that a training document is cut exactly as the engine cuts it at inference
     (``ChunkConfig`` with the ``chunking`` overrides) instead of by the ``multi_chunk_prob`` draw. The
     random draw spreads evenly over every chunk count, so it seldom hits the engine's exact count; this
-    trains on the counts the engine actually makes (a 150-token fact document: 5 pieces of 30 tokens with the default chunking)."""
+    trains on the counts the engine actually makes (with the default chunking, a 150-token fact
+    document becomes 5 pieces of 30 tokens)."""
     chunking: dict[str, Any] = field(default_factory=dict)
     """Overrides of ChunkConfig fields for ``inference_chunking_prob``: set them to the chunking the
     trained hypernetwork will be used with."""

@@ -350,12 +350,14 @@ def test_training_record_names_a_warm_restart(tmp_path: Path) -> None:
         Trainer(tiny_config(tmp_path / "run", steps=4, schedule_start=2), base=base)
     Trainer(tiny_config(tmp_path / "run", steps=2), base=base).run(progress=False)
     cfg = tiny_config(tmp_path / "run", steps=4, eval_every=2, schedule_start=2, encoder_autocast="bfloat16",
-                      distractor_prob=0.25, inference_chunking_prob=0.5, chunking={"min_chunk_tokens": 8})
+                      distractor_prob=0.25, inference_chunking_prob=0.5, chunking={"min_chunk_tokens": 8},
+                      compaction_block_prob=0.5)
     Trainer(cfg, base=base).run(progress=False)
     text = training_markdown(tmp_path / "run", tmp_path / "ckpt", "d2l-memory export-checkpoint run ckpt")
     assert "warm restart at step 2" in text and "encoder pass in bfloat16" in text
     assert "with probability 0.25 the memory also holds chunks" in text
     assert "cut as the engine cuts them (min_chunk_tokens=8) with probability 0.5, else into 1–2 chunks" in text
+    assert "chats cut first into compaction blocks of 4 messages" in text
 
 
 def test_two_torchrun_processes_take_the_step_of_one_with_double_accumulation(tmp_path: Path) -> None:
@@ -441,3 +443,32 @@ def test_inference_chunking_cuts_training_documents_as_the_engine_does(tmp_path:
         tiny_config(tmp_path, steps=10, chunking={"chunk_size": 8})
     with pytest.raises(ValueError, match="inference_chunking_prob"):
         tiny_config(tmp_path, steps=10, inference_chunking_prob=-0.1)
+
+
+def test_compaction_blocks_cut_chats_as_the_memory_provider_compacts_them(tmp_path: Path) -> None:
+    """Each block of 4 messages is rendered and chunked exactly as MemoryProvider → MemoryEngine would;
+    documents that are not chats keep the batch they had without the option."""
+    from d2l_memory.chunking import chunk_text, render_messages
+
+    base = tiny_base()
+    chunking = {"chunk_tokens": 64, "min_chunk_tokens": 8}
+    chats = {"domain_weights": {"conversation": 1.0}, "chunking": chunking}
+    trainer = Trainer(tiny_config(tmp_path / "a", 2, compaction_block_prob=1.0, **chats), base=base)
+    batch = trainer.microbatch(0, 0)
+    samples = trainer.samples("train", 0, trainer.cfg.docs_per_step)
+    for sample, own in zip(samples, batch.doc_chunks, strict=True):
+        messages = [dict(zip(("role", "content"), line.split(": ", 1), strict=True)) for line in sample.text.split("\n")]
+        expected = [c.input_ids for i in range(0, len(messages), 4)
+                    for c in chunk_text(render_messages(messages[i : i + 4]), base.tokenizer,
+                                        trainer.cfg.chunk_config(), trainer.affixes)]
+        assert [batch.chunks[i] for i in own] == expected
+    assert max(len(s.text.split("\n")) for s in samples) > 4  # at least one chat spans several blocks
+
+    facts = {"domain_weights": {"facts": 1.0}, "multi_chunk_prob": 0.5}
+    plain = Trainer(tiny_config(tmp_path / "b", 2, **facts), base=base).microbatch(0, 0)
+    with_option = Trainer(tiny_config(tmp_path / "c", 2, compaction_block_prob=1.0, **facts), base=base).microbatch(0, 0)
+    assert plain.chunks == with_option.chunks and plain.doc_chunks == with_option.doc_chunks
+    with pytest.raises(ValueError, match="compaction_block_prob"):
+        tiny_config(tmp_path, steps=10, compaction_block_prob=2.0)
+    with pytest.raises(ValueError, match="compaction_block_messages"):
+        tiny_config(tmp_path, steps=10, compaction_block_messages=0)

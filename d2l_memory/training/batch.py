@@ -16,7 +16,20 @@ from d2l_memory.generation import prompt_ids
 from d2l_memory.hypernet import HyperLoRA, HyperOutput
 from d2l_memory.internalize import gather_weights, run_hypernet
 from d2l_memory.lora import lora_scope, stack_per_row
-from d2l_memory.training.synth import QA, Sample
+from d2l_memory.training.synth import QA, Sample, transcript_blocks
+
+
+@dataclass(frozen=True)
+class Cutting:
+    """How training documents are cut into chunks; the fields mirror the ``TrainConfig`` fields of the
+    same names. The default cuts nothing: one chunk per document."""
+
+    multi_chunk_prob: float = 0.0
+    max_chunks: int = 1
+    inference_chunking: ChunkConfig | None = None
+    inference_chunking_prob: float = 0.0
+    compaction_block_messages: int = 4
+    compaction_block_prob: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -62,20 +75,16 @@ def build_microbatch(
     rng: random.Random,
     *,
     questions_per_doc: int,
-    multi_chunk_prob: float,
-    max_chunks: int,
+    cutting: Cutting,
     row_doc_override: Sequence[int] | None = None,
     with_teacher: bool = False,
     distractor_prob: float = 0.0,
-    inference_chunking: ChunkConfig | None = None,
-    inference_chunking_prob: float = 0.0,
 ) -> MicroBatch:
     """Chunk each sample's text and pick its questions. ``row_doc_override`` swaps adapters (the control).
 
     ``with_teacher`` also builds the teacher's rows: the document in the prompt, then the same answer.
     ``distractor_prob``: the chance that a document's memory also holds the chunks of 1 to all of the
-    batch's other documents (see ``TrainConfig.distractor_prob``). ``inference_chunking_prob``: the
-    chance that a document is cut as ``inference_chunking`` cuts it (see ``TrainConfig``).
+    batch's other documents (see ``TrainConfig.distractor_prob``).
     """
     chunks: list[tuple[int, ...]] = []
     doc_chunks: list[list[int]] = []
@@ -84,10 +93,8 @@ def build_microbatch(
     row_doc: list[int] = []
     qas: list[QA] = []
     for d, sample in enumerate(samples):
-        content = tokenizer.encode(sample.text, add_special_tokens=False)
-        n = chunk_draw(len(content), rng, multi_chunk_prob, max_chunks, inference_chunking, inference_chunking_prob)
         doc_chunks.append([])
-        for piece in split_tokens(content, n):
+        for piece in document_pieces(sample, tokenizer, rng, cutting):
             doc_chunks[-1].append(len(chunks))
             chunks.append(affixes.prefix + tuple(piece) + affixes.suffix)
         picked = rng.sample(list(sample.qas), min(questions_per_doc, len(sample.qas)))
@@ -106,19 +113,29 @@ def build_microbatch(
     return MicroBatch(chunks, doc_chunks, row_doc, ids, mask, labels, qas, teacher)
 
 
-def chunk_draw(
-    n_tokens: int,
-    rng: random.Random,
-    multi_chunk_prob: float,
-    max_chunks: int,
-    inference_chunking: ChunkConfig | None,
-    inference_chunking_prob: float,
-) -> int:
+def document_pieces(
+    sample: Sample, tokenizer: PreTrainedTokenizerBase, rng: random.Random, cutting: Cutting
+) -> list[list[int]]:
+    """The content tokens of each chunk one training document is cut into."""
+    # No extra draw unless the option is on and the sample is a chat: other batches stay the same.
+    if (cutting.compaction_block_prob > 0 and sample.domain == "conversation"
+            and rng.random() < cutting.compaction_block_prob):
+        # As MemoryProvider compacts a chat: each block of messages is internalized on its own.
+        engine = cutting.inference_chunking or ChunkConfig()
+        blocks = [tokenizer.encode(b, add_special_tokens=False)
+                  for b in transcript_blocks(sample.text, cutting.compaction_block_messages)]
+        return [piece for block in blocks for piece in split_tokens(block, chunk_count(len(block), engine))]
+    content = tokenizer.encode(sample.text, add_special_tokens=False)
+    return split_tokens(content, chunk_draw(len(content), rng, cutting))
+
+
+def chunk_draw(n_tokens: int, rng: random.Random, cutting: Cutting) -> int:
     """How many pieces one training document is cut into."""
     # No extra draw when the option is off: batches of runs that predate it stay the same.
-    if inference_chunking is not None and inference_chunking_prob > 0 and rng.random() < inference_chunking_prob:
-        return chunk_count(n_tokens, inference_chunking)
-    return 1 if rng.random() >= multi_chunk_prob else rng.randint(2, max_chunks)
+    if (cutting.inference_chunking is not None and cutting.inference_chunking_prob > 0
+            and rng.random() < cutting.inference_chunking_prob):
+        return chunk_count(n_tokens, cutting.inference_chunking)
+    return 1 if rng.random() >= cutting.multi_chunk_prob else rng.randint(2, cutting.max_chunks)
 
 
 def with_distractors(doc_chunks: list[list[int]], rng: random.Random, prob: float) -> list[list[int]]:

@@ -12,6 +12,7 @@ import torch
 
 from d2l_memory.config import ChunkConfig
 from d2l_memory.dtypes import float_dtype
+from d2l_memory.training.batch import Cutting
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,13 @@ class TrainConfig:
     chunking: dict[str, Any] = field(default_factory=dict)
     """Overrides of ChunkConfig fields for ``inference_chunking_prob``: set them to the chunking the
     trained hypernetwork will be used with."""
+    compaction_block_prob: float = 0.0
+    """Probability that a chat (conversation-domain) document is cut as ``MemoryProvider`` compacts a
+    chat: into blocks of ``compaction_block_messages`` messages, each block then chunked on its own as
+    the engine chunks it (``chunking``). Such blocks start and end at message boundaries and are encoded
+    without their neighbours, which neither of the cuts above reproduces."""
+    compaction_block_messages: int = 4
+    """Messages per compaction block: ``ProviderConfig.compact_block`` of the provider to train for."""
     distractor_prob: float = 0.0
     """Probability that a document's memory in a step also holds the chunk adapters of 1 to all of the
     step's other documents, as when a long document, a compacted chat or several memories are applied
@@ -114,10 +122,12 @@ class TrainConfig:
         self.student_dtype()
         if not 0 <= self.schedule_start < self.steps:
             raise ValueError(f"schedule_start {self.schedule_start} must lie in 0..steps-1 ({self.steps - 1})")
-        for name in ("multi_chunk_prob", "inference_chunking_prob", "distractor_prob"):
+        for name in ("multi_chunk_prob", "inference_chunking_prob", "compaction_block_prob", "distractor_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} {getattr(self, name)} must lie in 0..1")
         self.chunk_config()
+        if self.compaction_block_messages < 1:
+            raise ValueError(f"compaction_block_messages {self.compaction_block_messages} must be at least 1")
         if self.eval_docs < 2:
             raise ValueError(
                 f"eval_docs {self.eval_docs} must be at least 2: each held-out document is another's control"
@@ -130,6 +140,14 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown chunking keys: {unknown} (ChunkConfig fields: {sorted(known)})")
         return ChunkConfig(**self.chunking)
+
+    def cutting(self) -> Cutting:
+        """How this run cuts its training documents into chunks."""
+        return Cutting(
+            multi_chunk_prob=self.multi_chunk_prob, max_chunks=self.max_chunks,
+            inference_chunking=self.chunk_config(), inference_chunking_prob=self.inference_chunking_prob,
+            compaction_block_messages=self.compaction_block_messages, compaction_block_prob=self.compaction_block_prob,
+        )
 
     def encoder_dtype(self) -> torch.dtype | None:
         """``encoder_autocast`` as a torch dtype; a typed error names the bad value."""

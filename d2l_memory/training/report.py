@@ -30,12 +30,15 @@ def _mix(config: dict[str, Any]) -> str:
 def _chunks(config: dict[str, Any]) -> str:
     drawn = "1" if config["multi_chunk_prob"] == 0 else "1–" + str(config["max_chunks"])
     matched = config.get("inference_chunking_prob", 0.0)
-    if not matched:
-        return f"{drawn} chunks per document"
+    blocks = config.get("compaction_block_prob", 0.0)
     overrides = config.get("chunking") or {}
     policy = ", ".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "the default ChunkConfig"
-    return (f"documents cut as the engine cuts them ({policy}) with probability {matched:g}, "
-            f"else into {drawn} chunks")
+    text = (f"documents cut as the engine cuts them ({policy}) with probability {matched:g}, else into {drawn} chunks"
+            if matched else f"{drawn} chunks per document")
+    if blocks:
+        text += (f"; chats cut first into compaction blocks of {config.get('compaction_block_messages', 4)} "
+                 f"messages, as the memory provider compacts them, with probability {blocks:g}")
+    return text
 
 
 def _distractors(config: dict[str, Any]) -> str:

@@ -176,6 +176,13 @@ def conversation(rng: random.Random, split: Split) -> tuple[str, list[QA]]:
     return "\n".join(lines), qas
 
 
+def transcript_blocks(text: str, messages_per_block: int) -> list[str]:
+    """A ``conversation`` transcript in blocks of ``messages_per_block`` messages, in order: the pieces a
+    ``MemoryProvider`` compacts one at a time (its synthetic messages are one line each)."""
+    lines = text.split("\n")
+    return ["\n".join(lines[i : i + messages_per_block]) for i in range(0, len(lines), messages_per_block)]
+
+
 def long_conversation(rng: random.Random, split: Split, n_facts: int = 6,
                       n_messages: int = 40) -> tuple[list[dict[str, str]], list[QA]]:
     """Chat messages that state ``n_facts`` facts in the first exchanges, then small talk up to

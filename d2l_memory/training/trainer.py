@@ -23,7 +23,7 @@ from d2l_memory.config import EncoderConfig
 from d2l_memory.engine import default_hypernet_config
 from d2l_memory.hypernet import HyperLoRA, count_parameters
 from d2l_memory.internalize import run_hypernet
-from d2l_memory.training.batch import MicroBatch, build_microbatch, student_forward, teacher_top_k
+from d2l_memory.training.batch import Cutting, MicroBatch, build_microbatch, student_forward, teacher_top_k
 from d2l_memory.training.config import TrainConfig
 from d2l_memory.training.distributed import Workers
 from d2l_memory.training.grow import grown_hypernet
@@ -167,9 +167,8 @@ class Trainer:
         rng = random.Random(f"{cfg.seed}/batch/{step}/{index}")
         return build_microbatch(
             self.samples("train", first, cfg.docs_per_step), self.base.tokenizer, self.affixes, rng,
-            questions_per_doc=cfg.questions_per_doc, multi_chunk_prob=cfg.multi_chunk_prob, max_chunks=cfg.max_chunks,
-            with_teacher=cfg.kl_weight > 0, distractor_prob=cfg.distractor_prob,
-            inference_chunking=cfg.chunk_config(), inference_chunking_prob=cfg.inference_chunking_prob,
+            questions_per_doc=cfg.questions_per_doc, cutting=cfg.cutting(), with_teacher=cfg.kl_weight > 0,
+            distractor_prob=cfg.distractor_prob,
         )
 
     # ---- loop ----------------------------------------------------------------------------------
@@ -231,7 +230,7 @@ class Trainer:
             group = samples[start:end]
             rng = random.Random(f"{self.cfg.seed}/eval/{start}")
             batch = build_microbatch(group, self.base.tokenizer, self.affixes, rng, questions_per_doc=4,
-                                     multi_chunk_prob=0.0, max_chunks=1)
+                                     cutting=Cutting())
             # One encoder + hypernetwork pass; own and wrong rows read the same adapters.
             hyper_out = run_hypernet(self.base.model, self.hypernet, batch.chunks, encoder_autocast)
             own_batch, wrong_batch = held_out_pair(batch, combined)

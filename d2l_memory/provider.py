@@ -47,17 +47,20 @@ class ProviderConfig:
     """Most recent messages of a session kept as text in the prompt."""
     compact_block: int = 4
     """Compaction waits until this many messages overflow the verbatim window, so each compaction
-    makes a chunk of real content instead of one chunk per message."""
+    makes a chunk of real content instead of one chunk per message. The shipped hypernetwork trained on
+    chats cut into blocks of 4 (``TrainConfig.compaction_block_messages``), what this default compacts
+    when messages arrive one exchange at a time."""
     top_k: int = 4
     """At most this many non-history memories are applied per query when they do not all fit."""
     rank_budget: int = 16
     """Largest total LoRA rank applied per query: 2 chunks of the shipped hypernetwork's rank 8. Few
     chunks, the ones recall picks for the question, work better than many: the shipped checkpoint's
     adapters are not robust to being summed with irrelevant ones (BENCHMARKS.md: compacted chats answer
-    77% of early-turn questions with 2 recalled chunks, 70% with all 16; needles past 8K tokens are found
+    82% of early-turn questions with 2 recalled chunks, 73% with all 16; needles past 8K tokens are found
     with 2 recalled chunks, never with all). On short fact documents, cut into about 5 chunks, it was
     mixed for the step-6450 checkpoint: 53% with 2 against 48% with all on the judge's main set, 47%
-    against 50% on another draw; the step-6900 one answers 57% against 47% on the main set."""
+    against 50% on another draw; the step-6900 one answers 57% against 47% on the main set, the step-7300
+    one 57% against 48%."""
     snippets: int = 0
     """Hybrid mode: this many best-matching source chunks are also put in the prompt (0 = adapters only)."""
     storage_dtype: str = "float16"

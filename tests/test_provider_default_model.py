@@ -7,8 +7,8 @@ The compaction requirement is met since the provider's default rank budget becam
 session of 2026-12-04), so that recall applies the 2 compacted chunks that match the question instead
 of all of them: the compacted 40-message conversation answers 3/6 early-turn questions, the window
 alone 0/6 (the test asks for a gain of at least 0.25), with the step-2900 checkpoint and with the
-step-2300 one alike; the step-3500, step-4000, step-4600, step-5200, step-5800, step-6200, step-6450
-and step-6900 ones pass too. With every compacted chunk
+step-2300 one alike; the step-3500, step-4000, step-4600, step-5200, step-5800, step-6200, step-6450,
+step-6900 and step-7300 ones pass too. With every compacted chunk
 applied (the old 64-chunk budget) every checkpoint up to step 2900 answered 0/6 or 1/6.
 The chunk-dropping test states six held-out facts in six compacted chunks (one exchange each) and
 drops the chunk of the first unseen value the memory recalls. It replaced (2026-12-03) a hand-written
@@ -42,6 +42,8 @@ engine's finer default chunking (a compacted block now makes several chunks): al
 (seed 11); seeds 12 and 13 were not rerun.
 Step-6900 checkpoint of the fourteenth cycle (shipped in the sixth session of 2026-12-07): all three
 tests pass (seed 11); seeds 12 and 13 were not rerun.
+Step-7300 checkpoint of the fifteenth cycle (shipped in the seventh session of 2026-12-07): all three
+tests pass (seed 11, in a fresh-clone `.ci/run`); seeds 12 and 13 were not rerun.
 """
 
 from __future__ import annotations

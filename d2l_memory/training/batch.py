@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from d2l_memory.chunking import TurnAffixes, chunk_count, even_spans
+from d2l_memory.chunking import TurnAffixes, chunk_count, chunk_spans, even_spans
 from d2l_memory.config import ChunkConfig
 from d2l_memory.generation import prompt_ids
 from d2l_memory.hypernet import HyperLoRA, HyperOutput
@@ -26,7 +26,7 @@ class Cutting:
 
     multi_chunk_prob: float = 0.0
     max_chunks: int = 1
-    inference_chunking: ChunkConfig | None = None
+    inference_chunking: ChunkConfig = ChunkConfig()
     inference_chunking_prob: float = 0.0
     compaction_block_messages: int = 4
     compaction_block_prob: float = 0.0
@@ -121,10 +121,10 @@ def document_pieces(
     if (cutting.compaction_block_prob > 0 and sample.domain == "conversation"
             and rng.random() < cutting.compaction_block_prob):
         # As MemoryProvider compacts a chat: each block of messages is internalized on its own.
-        engine = cutting.inference_chunking or ChunkConfig()
         blocks = [tokenizer.encode(b, add_special_tokens=False)
                   for b in transcript_blocks(sample.text, cutting.compaction_block_messages)]
-        return [piece for block in blocks for piece in split_tokens(block, chunk_count(len(block), engine))]
+        return [block[start:end] for block in blocks
+                for start, end in chunk_spans(len(block), cutting.inference_chunking)]
     content = tokenizer.encode(sample.text, add_special_tokens=False)
     return split_tokens(content, chunk_draw(len(content), rng, cutting))
 
@@ -132,8 +132,7 @@ def document_pieces(
 def chunk_draw(n_tokens: int, rng: random.Random, cutting: Cutting) -> int:
     """How many pieces one training document is cut into."""
     # No extra draw when the option is off: batches of runs that predate it stay the same.
-    if (cutting.inference_chunking is not None and cutting.inference_chunking_prob > 0
-            and rng.random() < cutting.inference_chunking_prob):
+    if cutting.inference_chunking_prob > 0 and rng.random() < cutting.inference_chunking_prob:
         return chunk_count(n_tokens, cutting.inference_chunking)
     return 1 if rng.random() >= cutting.multi_chunk_prob else rng.randint(2, cutting.max_chunks)
 

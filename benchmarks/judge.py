@@ -4,7 +4,9 @@ After a training cycle the same measurements decide whether its checkpoint ships
 ``training-runs/README.md``): the evaluation on the documents of the previous ``eval.json`` (its
 hypernetwork-free rows reused) and the paired comparison with that run; the same two on the wide fact
 set of ``eval-facts-wide.json`` (478 fact questions, where the main set's 95 cannot tell a 3-point change
-from noise); the recipe-ablation score row and the compaction benchmark. This runs them one after
+from noise) and on the fresh draw of ``eval-facts-seed2.json`` (478 more, of held-out seed 2: a change
+that only fits the seed-0 documents shows there); the recipe-ablation score row and the compaction
+benchmark. This runs them one after
 another (never two CPU jobs at once: on a small machine they only slow each other), each logged to its
 own file in ``--out``, and stops at the first failure. ``--out``/judge.json records each step's command,
 status and time. Deciding to ship stays a person's job; once the checkpoint has shipped,
@@ -32,7 +34,9 @@ from d2l_memory.evaluation.rows import read_result
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "d2l_memory.cli"]
 RECORD = "judge.json"
+RESULTS = REPO / "benchmarks" / "results"
 WIDE_RESULT = "eval-facts-wide.json"  # the shipped checkpoint on the wide fact set
+SEED2_RESULT = "eval-facts-seed2.json"  # ... and on a fresh draw of documents (seed 2)
 
 
 def _from_repo(path: Path) -> Path:
@@ -48,7 +52,7 @@ def eval_settings(previous: dict) -> list[str]:
     docs = ",".join(f"{domain}={n}" for domain, n in config["docs"].items())
     # Results written before the modes were recorded ran them all, which is also the flag's default.
     modes = ["--modes", *config["modes"]] if config.get("modes") else []
-    return ["--docs", docs, "--needle-tokens", *map(str, config["needle_tokens"]),
+    return ["--seed", str(config.get("seed", 0)), "--docs", docs, "--needle-tokens", *map(str, config["needle_tokens"]),
             "--distill-docs", str(config["distill_docs"]), "--recall-chunks", str(config["recall_chunks"]), *modes]
 
 
@@ -58,6 +62,18 @@ class Reference:
 
     result: dict
     copy: Path
+
+
+@dataclass(frozen=True)
+class References:
+    """The shipped checkpoint's evaluations this run is judged against, one per document set."""
+
+    main: Reference
+    """``eval.json``: facts, conversations, tool docs, needles (95 fact questions)."""
+    wide: Reference
+    """``eval-facts-wide.json``: 120 fact documents of seed 0."""
+    seed2: Reference
+    """``eval-facts-seed2.json``: 120 fact documents of seed 2."""
 
 
 def eval_steps(prefix: str, hypernet: Path, reference: Reference, out: Path) -> list[tuple[str, list[str]]]:
@@ -71,14 +87,15 @@ def eval_steps(prefix: str, hypernet: Path, reference: Reference, out: Path) -> 
     ]
 
 
-def plan(run_dir: Path, main_set: Reference, wide_set: Reference, name: str, out: Path, conversations: int,
+def plan(run_dir: Path, references: References, name: str, out: Path, conversations: int,
          chunks: Sequence[int]) -> list[tuple[str, list[str]]]:
     """The steps, as (label, argv); every one writes only below ``out`` (and the ablation row's folder)."""
     hypernet = out / "hypernet"
     return [
         ("export", [*CLI, "export-checkpoint", str(run_dir), str(hypernet)]),
-        *eval_steps("", hypernet, main_set, out),
-        *eval_steps("wide-", hypernet, wide_set, out),
+        *eval_steps("", hypernet, references.main, out),
+        *eval_steps("wide-", hypernet, references.wide, out),
+        *eval_steps("seed2-", hypernet, references.seed2, out),
         # Scripts are named relative to the repository, where every step runs.
         ("ablation-row", [sys.executable, "benchmarks/ablate.py", "configs/ablations.json",
                           "--score-run", str(run_dir), "--name", name]),
@@ -99,10 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="training run whose state/ is judged")
     parser.add_argument("--name", required=True, help="the ablation table's row name for this state")
     parser.add_argument("--out", type=Path, required=True, help="folder for the checkpoint, results and logs")
-    parser.add_argument("--previous", type=Path, default=REPO / "benchmarks" / "results" / "eval.json",
+    parser.add_argument("--previous", type=Path, default=RESULTS / "eval.json",
                         help="eval.json of the shipped checkpoint (default: the committed one)")
-    parser.add_argument("--previous-wide", type=Path, default=REPO / "benchmarks" / "results" / WIDE_RESULT,
+    parser.add_argument("--previous-wide", type=Path, default=RESULTS / WIDE_RESULT,
                         help="the shipped checkpoint's eval.json on the wide fact set (default: the committed one)")
+    parser.add_argument("--previous-seed2", type=Path, default=RESULTS / SEED2_RESULT,
+                        help="the shipped checkpoint's eval.json on the seed-2 fact set (default: the committed one)")
     # 15 conversations (90 questions): on the 30 questions of 5, a 3-question drop could not be told from
     # noise, and on 90 it was real (BENCHMARKS, compaction notes, sixth session of 2026-12-07).
     parser.add_argument("--conversations", type=int, default=15, help="compaction benchmark conversations")
@@ -112,9 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir, out = _from_repo(args.run_dir), _from_repo(args.out)  # the steps run from the repository root
     if not (args.run_dir / "state").is_dir():
         parser.error(f"{args.run_dir} has no state/ folder")
-    references = []
+    loaded = []
     # The committed results are overwritten when a checkpoint ships; judge against copies of them.
-    copies = ((args.previous, out / "previous-eval.json"), (args.previous_wide, out / "previous-wide-eval.json"))
+    copies = ((args.previous, out / "previous-eval.json"), (args.previous_wide, out / "previous-wide-eval.json"),
+              (args.previous_seed2, out / "previous-seed2-eval.json"))
     for path, copy in copies:
         try:
             result = read_result(path)
@@ -122,16 +142,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(exc))
         if not isinstance(result.get("config"), dict):
             parser.error(f"{path}: records no evaluation settings to repeat")
-        references.append(Reference(result, copy))
+        loaded.append(Reference(result, copy))
+    references = References(*loaded)
     given = sys.argv[1:] if argv is None else argv
     record: dict[str, Any] = {"command": "python benchmarks/judge.py " + shlex.join(given), "steps": []}
     folder = REPO / out  # where this process writes: `out` as the steps see it, from the repository root
     if not args.dry_run:
         folder.mkdir(parents=True, exist_ok=True)
-        for reference in references:
+        for reference in loaded:
             (REPO / reference.copy).write_text(json.dumps(reference.result, indent=1))
-    main_set, wide_set = references
-    for label, command in plan(run_dir, main_set, wide_set, args.name, out, args.conversations, args.chunks):
+    for label, command in plan(run_dir, references, args.name, out, args.conversations, args.chunks):
         print(f"[{label}] {shlex.join(command)}", flush=True)
         if args.dry_run:
             continue
@@ -147,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return status
     if not args.dry_run:
         # The paired comparisons are what the shipping decision starts from: show them without a file to open.
-        for label in ("compare", "wide-compare"):
+        for label in ("compare", "wide-compare", "seed2-compare"):
             print(f"[{label}]\n" + (folder / f"{label}.log").read_text(), flush=True)
     return 0
 

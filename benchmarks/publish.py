@@ -6,6 +6,7 @@ judged run's own output files and nothing else:
 
 - ``benchmarks/results/eval.{json,md,png}`` and the "eval" section,
 - ``benchmarks/results/eval-facts-wide.{json,md}`` and the "eval-wide" section (the wide fact set),
+- ``benchmarks/results/eval-facts-seed2.{json,md}`` and the "eval-seed2" section (a fresh draw, seed 2),
 - ``benchmarks/results/compaction.json`` and the "compaction" section,
 - the "ablations" section (``ablate.py --report --benchmarks``; the judge already scored the row),
 
@@ -39,7 +40,8 @@ from d2l_memory.reporting import replace_section, with_artifacts
 REPO = Path(__file__).resolve().parents[1]
 
 SHIPPED = Path("d2l_memory/checkpoints/smollm2-135m-instruct")
-JUDGED_STEPS = ("export", "eval", "compare", "wide-eval", "wide-compare", "ablation-row", "compaction")
+JUDGED_STEPS = ("export", "eval", "compare", "wide-eval", "wide-compare", "seed2-eval", "seed2-compare",
+                "ablation-row", "compaction")
 
 
 class NotPublishable(D2LMemoryError):
@@ -104,6 +106,8 @@ EVAL_SECTIONS = (
     # Fact documents only: the plot's conversation and tool bars would be empty.
     EvalSection("wide-eval", "eval-facts-wide", "eval-wide",
                 "Hypernetwork evaluation, wide fact set (held-out fact documents)", plotted=False),
+    EvalSection("seed2-eval", "eval-facts-seed2", "eval-seed2",
+                "Hypernetwork evaluation, fresh fact set (held-out fact documents of seed 2)", plotted=False),
 )
 
 
@@ -160,10 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     status = publish_ablations(args.repo)
     if status != 0:
-        print(f"ablate.py --report failed with status {status}; the eval, eval-wide and compaction sections are "
-              "written", file=sys.stderr)
+        print(f"ablate.py --report failed with status {status}; the eval, eval-wide, eval-seed2 and compaction "
+              "sections are written", file=sys.stderr)
         return status
-    print("Wrote the eval, eval-wide, compaction and ablations sections and benchmarks/results/. By hand: the "
+    print("Wrote the eval, eval-wide, eval-seed2, compaction and ablations sections and benchmarks/results/. By hand: the "
           "notes sections (training, eval, ablation, compaction, perf), README's Status and training-runs/README.md.")
     return 0
 

@@ -6,11 +6,11 @@ hypernetwork-free rows reused) and the paired comparison with that run; the same
 set of ``eval-facts-wide.json`` (478 fact questions, where the main set's 95 cannot tell a 3-point change
 from noise) and on the fresh draw of ``eval-facts-seed2.json`` (478 more, of held-out seed 2: a change
 that only fits the seed-0 documents shows there); the recipe-ablation score row and the compaction
-benchmark. This runs them one after
-another (never two CPU jobs at once: on a small machine they only slow each other), each logged to its
-own file in ``--out``, and stops at the first failure. ``--out``/judge.json records each step's command,
-status and time. Deciding to ship stays a person's job; once the checkpoint has shipped,
-``benchmarks/publish.py`` renders BENCHMARKS.md's result sections from this run's output.
+benchmark. This runs them one after another (never two CPU jobs at once: on a small machine they only
+slow each other), each logged to its own file in ``--out``, and stops at the first failure.
+``--out``/judge.json records each step's command, status and time. Deciding to ship stays a person's
+job; once the checkpoint has shipped, ``benchmarks/publish.py`` renders BENCHMARKS.md's result sections
+from this run's output.
 
     python benchmarks/judge.py runs/smollm2-135m-nokeys --name nokeys-...-step4500 --out /tmp/judge-4500
 """
@@ -52,8 +52,9 @@ def eval_settings(previous: dict) -> list[str]:
     docs = ",".join(f"{domain}={n}" for domain, n in config["docs"].items())
     # Results written before the modes were recorded ran them all, which is also the flag's default.
     modes = ["--modes", *config["modes"]] if config.get("modes") else []
-    return ["--seed", str(config.get("seed", 0)), "--docs", docs, "--needle-tokens", *map(str, config["needle_tokens"]),
-            "--distill-docs", str(config["distill_docs"]), "--recall-chunks", str(config["recall_chunks"]), *modes]
+    return ["--seed", str(config.get("seed", 0)), "--docs", docs,
+            "--needle-tokens", *map(str, config["needle_tokens"]), "--distill-docs", str(config["distill_docs"]),
+            "--recall-chunks", str(config["recall_chunks"]), *modes]
 
 
 @dataclass(frozen=True)

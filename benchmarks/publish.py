@@ -167,8 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ablate.py --report failed with status {status}; the eval, eval-wide, eval-seed2 and compaction "
               "sections are written", file=sys.stderr)
         return status
-    print("Wrote the eval, eval-wide, eval-seed2, compaction and ablations sections and benchmarks/results/. By hand: the "
-          "notes sections (training, eval, ablation, compaction, perf), README's Status and training-runs/README.md.")
+    print("Wrote the eval, eval-wide, eval-seed2, compaction and ablations sections and benchmarks/results/. By "
+          "hand: the notes sections (training, eval, ablation, compaction, perf), README's Status and "
+          "training-runs/README.md.")
     return 0
 
 

@@ -132,25 +132,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir, out = _from_repo(args.run_dir), _from_repo(args.out)  # the steps run from the repository root
     if not (args.run_dir / "state").is_dir():
         parser.error(f"{args.run_dir} has no state/ folder")
-    loaded = []
     # The committed results are overwritten when a checkpoint ships; judge against copies of them.
-    copies = ((args.previous, out / "previous-eval.json"), (args.previous_wide, out / "previous-wide-eval.json"),
-              (args.previous_seed2, out / "previous-seed2-eval.json"))
-    for path, copy in copies:
+    sources = {"main": (args.previous, "previous-eval.json"), "wide": (args.previous_wide, "previous-wide-eval.json"),
+               "seed2": (args.previous_seed2, "previous-seed2-eval.json")}
+    loaded: dict[str, Reference] = {}
+    for set_name, (path, copy_name) in sources.items():
         try:
             result = read_result(path)
         except D2LMemoryError as exc:
             parser.error(str(exc))
         if not isinstance(result.get("config"), dict):
             parser.error(f"{path}: records no evaluation settings to repeat")
-        loaded.append(Reference(result, copy))
-    references = References(*loaded)
+        loaded[set_name] = Reference(result, out / copy_name)
+    references = References(**loaded)
     given = sys.argv[1:] if argv is None else argv
     record: dict[str, Any] = {"command": "python benchmarks/judge.py " + shlex.join(given), "steps": []}
     folder = REPO / out  # where this process writes: `out` as the steps see it, from the repository root
     if not args.dry_run:
         folder.mkdir(parents=True, exist_ok=True)
-        for reference in loaded:
+        for reference in loaded.values():
             (REPO / reference.copy).write_text(json.dumps(reference.result, indent=1))
     for label, command in plan(run_dir, references, args.name, out, args.conversations, args.chunks):
         print(f"[{label}] {shlex.join(command)}", flush=True)
